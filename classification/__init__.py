@@ -1,0 +1,1 @@
+"""Classification training for rwdet backbones (ImageNet layout, DDP, embedded Fashion-MNIST)."""

@@ -1,0 +1,18 @@
+"""Layers and the graph-to-module builder shared by every rwdet model."""
+
+from rwdet.nn.gates import EdgeGates, StaticGates
+from rwdet.nn.node_ops import NODE_OPS, build_node_op
+from rwdet.nn.stage import GraphStage
+from rwdet.nn.wiring import WIRINGS, Wiring, get_wiring, register_wiring
+
+__all__ = [
+    "NODE_OPS",
+    "WIRINGS",
+    "EdgeGates",
+    "GraphStage",
+    "StaticGates",
+    "Wiring",
+    "build_node_op",
+    "get_wiring",
+    "register_wiring",
+]

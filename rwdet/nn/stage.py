@@ -1,0 +1,96 @@
+"""The one graph-to-module builder: a stage DAG plus a node op becomes an ``nn.Module``.
+
+RandWire, DNW and edge-popup stages are all ``GraphStage``; they differ only in their gate
+module (``rwdet.nn.gates``) and in the conv/norm layer factories handed to the node ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rwdet.graphs import GraphSpec
+from rwdet.nn.gates import EdgeGates, StaticGates
+from rwdet.nn.node_ops import build_node_op
+
+
+class GraphStage(nn.Module):
+    """One stage: input node -> DAG of node ops -> output node.
+
+    - Nodes with no candidate parents (sources) read the stage input; their op has stride
+      ``stride`` and maps ``in_channels`` to ``out_channels``. All other nodes keep
+      ``out_channels`` and resolution.
+    - A node aggregates its parents' outputs as ``sum gate[e] * Z_parent`` (its parents only,
+      never further ancestors), then applies its op; the same output goes to every child.
+    - The stage output is the unweighted mean of the sinks.
+    - Nodes run in index order (a topological order, since every edge has ``u < v``) and each
+      output is released as soon as its last child has consumed it.
+    """
+
+    def __init__(
+        self,
+        spec: GraphSpec,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 2,
+        node_op: str = "sepconv",
+        gates: EdgeGates | None = None,
+        conv_layer=nn.Conv2d,
+        norm_layer=nn.BatchNorm2d,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.gates = gates if gates is not None else StaticGates(spec.edges)
+        edges = self.gates.edges
+        n = spec.n
+        for u, v in edges:
+            if not 0 <= u < v < n:
+                raise ValueError(f"candidate edge ({u}, {v}) is invalid for a {n}-node stage")
+        self.in_edges: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        for e, (u, v) in enumerate(edges):
+            self.in_edges[v].append((e, u))
+        has_child = {u for u, _ in edges}
+        self.sources = [v for v in range(n) if not self.in_edges[v]]
+        self.sinks = [v for v in range(n) if v not in has_child]
+        # last_use[u] = the node after which Z_u is no longer needed (sinks live to the end).
+        self.last_use = {u: v for u, v in edges}
+        for s in self.sinks:
+            self.last_use.pop(s, None)
+        self.release_after: list[list[int]] = [[] for _ in range(n)]
+        for u, v in self.last_use.items():
+            self.release_after[v].append(u)
+        self.nodes = nn.ModuleList(
+            build_node_op(
+                node_op,
+                in_channels if not self.in_edges[v] else out_channels,
+                out_channels,
+                stride if not self.in_edges[v] else 1,
+                conv_layer=conv_layer,
+                norm_layer=norm_layer,
+            )
+            for v in range(n)
+        )
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def aggregate(self, v: int, x: torch.Tensor, outs: dict, gates: torch.Tensor):
+        ins = self.in_edges[v]
+        if not ins:
+            return x
+        unit = self.gates.unit_edges
+        agg = None
+        for e, u in ins:
+            term = outs[u] if e in unit else outs[u] * gates[e]
+            agg = term if agg is None else agg + term
+        return agg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.gates()
+        outs: dict[int, torch.Tensor] = {}
+        for v, node in enumerate(self.nodes):
+            outs[v] = node(self.aggregate(v, x, outs, gates))
+            for u in self.release_after[v]:
+                del outs[u]
+        out = outs[self.sinks[0]]
+        for s in self.sinks[1:]:
+            out = out + outs[s]
+        return out / len(self.sinks) if len(self.sinks) > 1 else out

@@ -124,7 +124,7 @@ class RandWire(nn.Module):
         if dropout is None:
             dropout = 0.2 if regime == "regular" else 0.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(head_channels, num_classes)
+        self.fc = mode.linear_layer(head_channels, num_classes)
         self.regime = regime
         _init_weights(self)
 

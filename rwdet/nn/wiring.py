@@ -23,6 +23,8 @@ class Wiring:
     make_gates: Callable[[GraphSpec, float], EdgeGates]
     conv_layer: Callable[..., nn.Module] = nn.Conv2d
     norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d
+    # (in_features, out_features) -> classifier layer (edge-popup swaps in ``PopupLinear``).
+    linear_layer: Callable[..., nn.Module] = nn.Linear
     options: dict = field(default_factory=dict)
 
 

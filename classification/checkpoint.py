@@ -1,0 +1,156 @@
+"""Checkpoints: atomic writes, weights_only loads, RNG state, architecture/graph checks.
+
+A checkpoint is a ``torch.save``d dict of tensors and plain Python values (weights_only-safe):
+"model" (plain state_dict), "model_spec" ({"name", "kwargs"}), "graphs" (edge lists,
+``rwdet.graphs.graphs_to_dict``), "ema", "ema_updates", "optimizer", "scheduler", "scaler",
+"epoch", "iteration", "rng", "sampler", "config", "metrics", "classes". The Detectron2 converter
+reads "model", "model_spec" and "graphs"; a model is rebuilt from them with
+``build_model(spec["name"], graphs=graphs_from_dict(ckpt["graphs"]), **spec["kwargs"])``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from rwdet.graphs import graphs_fingerprint, graphs_from_dict
+
+LAST, BEST = "last.pth", "best.pth"
+REQUIRED_KEYS = ("model", "model_spec", "graphs")
+# Keyword arguments that change training only (not the weights nor the eval forward pass);
+# evaluation-only runs ignore differences in them.
+EVAL_NEUTRAL_KWARGS = ("dropout", "edge_drop")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint holds another architecture or other graphs than the requested model."""
+
+
+def atomic_save(obj: dict, path: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash (or SIGKILL) at any moment leaves either the old or the new file, never a torn one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"checkpoint {path!r} cannot be loaded safely (weights_only=True): {e}. Only "
+            f"checkpoints written by train_cls.py (tensors and plain values) are accepted"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"checkpoint {path!r} is unreadable or corrupt: {e}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise ValueError(
+            f"{path!r} is not an rwdet classification checkpoint: it needs the keys "
+            f"{list(REQUIRED_KEYS)}"
+        )
+    return ckpt
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint auto-resume continues from: ``last.pth``, which every save refreshes."""
+    path = os.path.join(output_dir, LAST)
+    return path if os.path.isfile(path) else None
+
+
+def check_model_spec(ckpt: dict, spec: dict, path: str, eval_only: bool = False) -> None:
+    """Raise ``CheckpointMismatchError`` unless the checkpoint holds the requested model."""
+    have = ckpt["model_spec"]
+    ignore = EVAL_NEUTRAL_KWARGS if eval_only else ()
+    diffs = []
+    if have.get("name") != spec["name"]:
+        diffs.append(f"model: checkpoint {have.get('name')!r}, requested {spec['name']!r}")
+    a, b = have.get("kwargs", {}), spec["kwargs"]
+    for key in sorted(set(a) | set(b)):
+        if key not in ignore and a.get(key) != b.get(key):
+            diffs.append(f"{key}: checkpoint {a.get(key)!r}, requested {b.get(key)!r}")
+    if not diffs:
+        return
+    graph_keys = {"gen", "gen_params", "seed", "nodes", "graphs"}
+    msg = f"checkpoint {path!r} holds a different model than requested (" + "; ".join(diffs) + ")"
+    if any(d.split(":")[0] in graph_keys for d in diffs):
+        msg += (
+            f". Its graph fingerprint is {graphs_fingerprint(graphs_from_dict(ckpt['graphs']))}; "
+            f"the requested graphs differ"
+        )
+    msg += (
+        ". Pass the flags/config the checkpoint was trained with, or a different "
+        "--output-dir (or --no-resume) to start a new run"
+    )
+    raise CheckpointMismatchError(msg)
+
+
+# ---------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and ints (weights_only-safe)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64)},
+        "python_gauss": gauss,
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,284 @@
+"""Datasets: ImageNet folder layout (corrupt files skipped) and Fashion-MNIST from Debian.
+
+Every sample's random augmentation is drawn from a seed the sampler hands out with its index
+(``(index, seed)`` items, see ``classification.sampler``), not from a worker's running RNG. So
+the augmented batch at a given step does not depend on the number of workers, on which worker
+loads it, or on whether the run was resumed mid-epoch: that is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import random
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # over the 60k training images
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FMNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+@dataclass
+class BadSample:
+    """Stands in for an image that could not be decoded; the collate function drops it."""
+
+    path: str
+    reason: str
+
+
+@contextmanager
+def seeded(seed: int | None):
+    """Run a transform with torch and Python RNGs seeded by ``seed``, then restore them.
+
+    Restoring matters when loading happens in the main process: the training RNG (dropout,
+    edge drop) must not see how many random numbers the augmentation drew.
+    """
+    if seed is None:
+        yield
+        return
+    gen = torch.default_generator  # CPU only: torch.manual_seed would also queue CUDA seeding
+    torch_state, py_state = gen.get_state(), random.getstate()
+    gen.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        gen.set_state(torch_state)
+        random.setstate(py_state)
+
+
+def _split_item(item) -> tuple[int, int | None]:
+    return (int(item[0]), int(item[1])) if isinstance(item, tuple) else (int(item), None)
+
+
+# ---------------------------------------------------------------------------- ImageNet layout
+
+
+def find_split_dir(root: str, split: str) -> str:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"data root {root!r} does not exist; pass --data ROOT with ROOT/train/<class>/* "
+            f"and ROOT/val/<class>/* (or omit --data to train on Fashion-MNIST)"
+        )
+    for name in SPLIT_DIRS[split]:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    wanted = " or ".join(f"{root}/{n}" for n in SPLIT_DIRS[split])
+    raise FileNotFoundError(
+        f"data root {root!r} has no {split} split: expected a folder {wanted} with one "
+        f"sub-folder per class"
+    )
+
+
+def scan_split(split_dir: str, classes: list[str] | None = None):
+    """``[(path, class index)]`` and the class names of one split (sorted folder names).
+
+    With ``classes`` given (the training classes), every folder here must be one of them.
+    """
+    found = sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"{split_dir!r} has no class folders; put the images of each class in "
+            f"{split_dir}/<class name>/"
+        )
+    if classes is None:
+        classes = found
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise ValueError(
+            f"{split_dir!r} has class folders that the training split does not have: "
+            f"{unknown[:5]}; train and val must use the same class folder names"
+        )
+    samples = []
+    for name in found:
+        folder = os.path.join(split_dir, name)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [
+                os.path.join(dirpath, f)
+                for f in sorted(filenames)
+                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+            ]
+        if not files:
+            raise FileNotFoundError(
+                f"class folder {folder!r} contains no images (extensions "
+                f"{', '.join(IMG_EXTENSIONS)}); add images or remove the folder"
+            )
+        samples += [(f, index[name]) for f in files]
+    return samples, classes
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images in class folders; an unreadable file becomes a ``BadSample`` instead of a crash."""
+
+    def __init__(self, samples, classes, transform):
+        self.samples, self.classes, self.transform = samples, classes, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        index, seed = _split_item(item)
+        path, target = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                img = img.convert("RGB")  # forces the full decode: truncation shows up here
+        except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
+            return BadSample(path, f"{type(e).__name__}: {e}")
+        with seeded(seed):
+            return self.transform(img), target
+
+
+def imagenet_transforms(train_size: int, test_size: int, test_resize: int | None):
+    """The standard recipe: RandomResizedCrop + flip; resize (test/0.875) + center crop."""
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = T.Compose(
+        [T.RandomResizedCrop(train_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    )
+    resize = test_resize or round(test_size / 0.875)
+    val = T.Compose([T.Resize(resize), T.CenterCrop(test_size), T.ToTensor(), normalize])
+    return train, val
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _open_idx(directory: str, stem: str):
+    for name in (stem + ".gz", stem):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {directory!r}. Install the embedded "
+        f"default data with:  sudo apt-get install dataset-fashion-mnist  "
+        f"(or pass --data ROOT with a folder in ImageNet layout)"
+    )
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An idx file (the MNIST format: magic, dims, big-endian payload) as a uint8 tensor."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise ValueError(f"{path!r} is not an idx file (too short)")
+    zero, dtype, ndim = raw[0:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or dtype != 0x08:
+        raise ValueError(f"{path!r} is not an unsigned-byte idx file (bad magic number)")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    payload = raw[4 + 4 * ndim :]
+    if len(payload) != int(np.prod(dims)):
+        raise ValueError(f"{path!r} is truncated: expected {int(np.prod(dims))} bytes of data")
+    return torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).reshape(dims).copy())
+
+
+def load_fashion_mnist(directory: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images_stem, labels_stem = FMNIST_FILES[split]
+    images = read_idx(_open_idx(directory, images_stem))
+    labels = read_idx(_open_idx(directory, labels_stem)).long()
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(
+            f"Fashion-MNIST {split} files in {directory!r} do not match: images "
+            f"{tuple(images.shape)}, labels {tuple(labels.shape)}"
+        )
+    return images, labels
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """In-memory uint8 grayscale images: pad-and-crop + flip for training, as for CIFAR."""
+
+    def __init__(self, images, labels, classes, size: int, train: bool, pad: int = 2):
+        self.images, self.labels, self.classes = images, labels, classes
+        self.size, self.train, self.pad = size, train, pad
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = _split_item(item)
+        x = self.images[index].unsqueeze(0).float().div_(255.0)
+        if x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(
+                x[None], size=(self.size, self.size), mode="bilinear", align_corners=False
+            )[0]
+        if self.train:
+            with seeded(seed):
+                x = torch.nn.functional.pad(x, [self.pad] * 4)
+                i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+                x = x[:, i : i + self.size, j : j + self.size]
+                if torch.rand(()) < 0.5:
+                    x = x.flip(-1)
+        return x.sub_(FMNIST_MEAN).div_(FMNIST_STD), int(self.labels[index])
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def build_datasets(cfg: dict, train: bool = True, classes: list[str] | None = None):
+    """(train dataset or None, val dataset, class names, input channels) for a config.
+
+    ``classes`` (from a checkpoint) fixes the label order when only evaluating.
+    """
+    data = cfg["data"]
+    if data["name"] == "fashion_mnist":
+        directory = data["fashion_mnist_dir"]
+        val_x, val_y = load_fashion_mnist(directory, "val")
+        val = TensorImageDataset(val_x, val_y, FMNIST_CLASSES, data["test_size"], False)
+        train_set = None
+        if train:
+            tr_x, tr_y = load_fashion_mnist(directory, "train")
+            train_set = TensorImageDataset(tr_x, tr_y, FMNIST_CLASSES, data["train_size"], True)
+        return train_set, val, FMNIST_CLASSES, 1
+    root = data["root"]
+    train_tf, val_tf = imagenet_transforms(
+        data["train_size"], data["test_size"], data["test_resize"]
+    )
+    train_set = None
+    if train:
+        samples, classes = scan_split(find_split_dir(root, "train"))
+        train_set = ImageFolderDataset(samples, classes, train_tf)
+    val_samples, classes = scan_split(find_split_dir(root, "val"), classes)
+    return train_set, ImageFolderDataset(val_samples, classes, val_tf), classes, 3
+
+
+def collate_skip_bad(batch):
+    """Stack the good samples; return the bad ones separately so the trainer counts them."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad = [(b.path, b.reason) for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return None, None, bad
+    images = torch.stack([g[0] for g in good])
+    targets = torch.tensor([g[1] for g in good], dtype=torch.long)
+    return images, targets, bad
+
+
+def worker_init(worker_id: int) -> None:
+    """Seed NumPy and Python in each worker from its torch seed (torch seeds only itself)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

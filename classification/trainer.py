@@ -1,0 +1,619 @@
+"""Flat training and evaluation functions (pycls style): build, train_epoch, evaluate, main.
+
+One call of ``main(cfg)`` is one run: single process, or one rank of a torchrun job. Only
+rank 0 writes logs and checkpoints; every rank builds the model from the same config (or the
+same checkpoint edge lists) and the graph fingerprints are compared before training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from classification import checkpoint as ckpt_lib
+from classification.config import to_yaml
+from classification.data import build_datasets, collate_skip_bad, worker_init
+from classification.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    check_same_on_all_ranks,
+    cleanup,
+    init_distributed,
+)
+from classification.ema import ModelEMA
+from classification.logger import (
+    LOG_NAME,
+    MetricWriter,
+    progress,
+    setup_logging,
+    use_progress_bar,
+)
+from classification.metrics import peak_memory_mb
+from classification.sampler import EvalSampler, TrainSampler, subset_indices
+from classification.schedule import CosineWarmup, scaled_lr
+from rwdet.graphs import graphs_fingerprint, graphs_from_dict, graphs_to_dict
+from rwdet.models import build_model, get_graphs
+
+log = logging.getLogger(LOG_NAME)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def model_spec(cfg: dict, num_classes: int, in_channels: int) -> dict:
+    """The ``build_model`` name and keyword arguments a config asks for (JSON values only)."""
+    m = cfg["model"]
+    kwargs = dict(m["kwargs"])
+    for key in ("gen", "seed", "wiring", "nodes", "channels"):
+        if m[key] is not None:
+            kwargs[key] = m[key]
+    if m["gen_params"]:
+        kwargs["gen_params"] = dict(m["gen_params"])
+    kwargs["num_classes"] = num_classes
+    if in_channels != 3:
+        kwargs["in_channels"] = in_channels
+    return {"name": m["name"], "kwargs": kwargs}
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def describe_data(cfg: dict, train_set, val_set, classes) -> str:
+    data = cfg["data"]
+    n_train = len(train_set) if train_set is not None else 0
+    if data["name"] == "fashion_mnist":
+        why = (
+            "no --data given, so the embedded default is used: real product photos from the "
+            "Debian package dataset-fashion-mnist, small enough to train in minutes on a CPU; "
+            "pass --data ROOT for a folder in ImageNet layout"
+        )
+        return (
+            f"data: Fashion-MNIST from {data['fashion_mnist_dir']} ({n_train} train / "
+            f"{len(val_set)} test images, {len(classes)} classes, 28x28 grayscale, "
+            f"train/test size {data['train_size']}/{data['test_size']}) -- {why}"
+        )
+    resize = data["test_resize"] or round(data["test_size"] / 0.875)
+    return (
+        f"data: ImageNet layout at {data['root']} ({n_train} train / {len(val_set)} val "
+        f"images, {len(classes)} classes; train RandomResizedCrop {data['train_size']} + flip, "
+        f"val resize {resize} + center crop {data['test_size']})"
+    )
+
+
+def log_complexity(model: nn.Module, cfg: dict, in_channels: int, writer: MetricWriter) -> None:
+    from rwdet.complexity import complexity
+
+    size = cfg["data"]["test_size"]
+    try:
+        c = complexity(model, size, in_channels)
+    except Exception as e:  # noqa: BLE001 - a tracing problem must not stop training
+        log.warning("complexity: fvcore could not count this model (%s)", e)
+        return
+    log.info(
+        "model %s: %.3fM params, %.1fM FLOPs (multiply-adds) at %dx%d",
+        cfg["model"]["name"],
+        c["params"] / 1e6,
+        c["flops"] / 1e6,
+        size,
+        size,
+    )
+    writer.write("model", 0, {k: c[k] for k in ("params", "flops", "activations", "input_size")})
+
+
+def prepare_model(model: nn.Module, cfg: dict, d: DistInfo) -> nn.Module:
+    """Move to the device, set the memory format, optionally convert to SyncBatchNorm."""
+    if cfg["train"]["sync_bn"] and d.distributed:
+        if d.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("train.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); ignored")
+    model = model.to(d.device)
+    if cfg["train"]["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def amp_settings(cfg: dict, d: DistInfo):
+    """(autocast dtype or None, use a GradScaler). AMP runs on CUDA only; on CPU it is off."""
+    amp = cfg["train"]["amp"]
+    if amp == "off":
+        return None, False
+    if d.device.type != "cuda":
+        log.warning("train.amp=%s needs CUDA; training in float32 on %s", amp, d.device.type)
+        return None, False
+    return AMP_DTYPES[amp], amp == "fp16"
+
+
+def autocast(d: DistInfo, dtype):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=d.device.type, dtype=dtype)
+
+
+def make_loader(dataset, sampler, batch_size: int, cfg: dict, d: DistInfo, seed: int):
+    workers = cfg["data"]["workers"]
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cfg["data"]["pin_memory"] and d.device.type == "cuda",
+        drop_last=False,
+        collate_fn=collate_skip_bad,
+        worker_init_fn=worker_init,
+        persistent_workers=workers > 0,
+        # A private generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run would see a different dropout/edge-drop stream than an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def per_rank(global_batch: int, d: DistInfo, what: str) -> int:
+    if global_batch % d.world:
+        raise ValueError(
+            f"{what}={global_batch} does not divide by the {d.world} processes; pick a multiple "
+            f"of {d.world}"
+        )
+    return global_batch // d.world
+
+
+def report_bad(bad: list, counter: dict) -> None:
+    for path, reason in bad:
+        counter["skipped"] += 1
+        log.warning("skipped unreadable image %s (%s)", path, reason)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, d: DistInfo, cfg: dict, desc: str = "eval") -> dict:
+    """Top-1/top-5 over the whole split, each image counted once across all ranks."""
+    amp_dtype = AMP_DTYPES.get(cfg["train"]["amp"]) if d.device.type == "cuda" else None
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=d.device)  # loss, top1, top5, n, skipped
+    counter = {"skipped": 0}
+    bar = progress(loader, len(loader), desc, d.is_main and use_progress_bar())
+    for images, targets, bad in bar:
+        report_bad(bad, counter)
+        if images is None:
+            continue
+        images = images.to(d.device, non_blocking=True)
+        targets = targets.to(d.device, non_blocking=True)
+        if cfg["train"]["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(d, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hit = logits.topk(k, dim=1).indices.eq(targets[:, None])
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+        sums[1] += hit[:, :1].any(1).sum()
+        sums[2] += hit.any(1).sum()
+        sums[3] += len(targets)
+    sums[4] += counter["skipped"]
+    all_reduce_sum(sums)
+    model.train(was_training)
+    n = max(sums[3].item(), 1.0)
+    return {
+        "top1": 100.0 * sums[1].item() / n,
+        "top5": 100.0 * sums[2].item() / n,
+        "loss": sums[0].item() / n,
+        "count": int(sums[3].item()),
+        "skipped": int(sums[4].item()),
+    }
+
+
+def eval_loader(val_set, cfg: dict, d: DistInfo):
+    bs = per_rank(cfg["eval"]["batch_size"], d, "eval.batch_size")
+    return make_loader(val_set, EvalSampler(len(val_set), d.rank, d.world), bs, cfg, d, 0)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(paths, model, state: dict, cfg: dict, d: DistInfo) -> None:
+    """Collective (every rank sends its RNG state); rank 0 writes each path atomically."""
+    rng = all_gather_object(ckpt_lib.rng_state())
+    if not d.is_main:
+        return
+    plain = ckpt_lib.unwrap(model)
+    ema = state["ema"]
+    obj = {
+        "model": plain.state_dict(),
+        "model_spec": plain.rwdet_spec,
+        "graphs": graphs_to_dict(get_graphs(plain)),
+        "ema": ema.state_dict() if ema is not None else None,
+        "ema_updates": ema.updates if ema is not None else 0,
+        "optimizer": state["optimizer"].state_dict(),
+        "scheduler": state["scheduler"].state_dict(),
+        "scaler": state["scaler"].state_dict() if state["scaler"].is_enabled() else None,
+        "epoch": state["iteration"] // state["iters_per_epoch"],
+        "iteration": state["iteration"],
+        "rng": rng,
+        "sampler": {
+            "seed": cfg["seed"],
+            "iters_per_epoch": state["iters_per_epoch"],
+            "world": d.world,
+        },
+        "config": cfg,
+        "metrics": dict(state["metrics"]),
+        "classes": list(state["classes"]),
+    }
+    for path in paths:
+        ckpt_lib.atomic_save(obj, path)
+
+
+def resume_path(cfg: dict) -> str | None:
+    resume = cfg["train"]["resume"]
+    if resume is True:
+        return ckpt_lib.latest_checkpoint(cfg["output_dir"])
+    if not resume:
+        existing = ckpt_lib.latest_checkpoint(cfg["output_dir"])
+        if existing:
+            log.warning("not resuming: %s will be overwritten by this new run", existing)
+        return None
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
+    return resume
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: dict, d):
+    """One epoch from batch ``start_batch``; returns the epoch's mean train loss."""
+    ipe, epochs = state["iters_per_epoch"], cfg["schedule"]["epochs"]
+    opt, sched, scaler, ema = state["optimizer"], state["scheduler"], state["scaler"], state["ema"]
+    amp_dtype, _ = state["amp"]
+    writer: MetricWriter = state["writer"]
+    tc, log_period = cfg["train"], cfg["train"]["log_period"]
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg["optim"]["label_smoothing"])
+    # Window sums on the device (no host sync per step): loss, top1, top5, n, nonfinite.
+    window = torch.zeros(5, dtype=torch.float64, device=d.device)
+    epoch_loss = torch.zeros(2, dtype=torch.float64, device=d.device)
+    counter = {"skipped": 0}
+    bar_on = d.is_main and use_progress_bar()
+    bar = progress(loader, len(loader), f"epoch {epoch + 1}/{epochs}", bar_on)
+    t_last = time.perf_counter()
+    t_window, data_time, steps_in_window = t_last, 0.0, 0
+    model.train()
+    for b, (images, targets, bad) in enumerate(bar, start=start_batch):
+        data_time += time.perf_counter() - t_last
+        it = epoch * ipe + b
+        lr = sched.step(it)
+        report_bad(bad, counter)
+        if images is None:
+            if d.distributed:
+                raise RuntimeError(
+                    f"every image of batch {b} on rank {d.rank} was unreadable; the ranks "
+                    f"cannot stay in step. Remove the unreadable files listed above"
+                )
+            state["iteration"] = it + 1
+            t_last = time.perf_counter()
+            continue
+        images = images.to(d.device, non_blocking=True)
+        targets = targets.to(d.device, non_blocking=True)
+        if tc["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(d, amp_dtype):
+            logits = model(images)
+            loss = criterion(logits.float(), targets)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg["optim"]["clip_grad"]:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(
+                (p for p in model.parameters() if p.requires_grad), cfg["optim"]["clip_grad"]
+            )
+        scaler.step(opt)
+        scaler.update()
+        if ema is not None:
+            ema.update(ckpt_lib.unwrap(model))
+        with torch.no_grad():
+            n = len(targets)
+            hit = logits.detach().float().topk(min(5, logits.shape[1]), 1).indices
+            hit = hit.eq(targets[:, None])
+            window[0] += loss.detach().double() * n
+            window[1] += hit[:, :1].any(1).sum()
+            window[2] += hit.any(1).sum()
+            window[3] += n
+            window[4] += (~torch.isfinite(loss.detach())).double()
+        state["iteration"] = it + 1
+        steps_in_window += 1
+        last_of_epoch = b + 1 == ipe
+        if (it + 1) % log_period == 0 or last_of_epoch:
+            stats = all_reduce_sum(window.clone())
+            check_finite(stats[4].item(), state, it)
+            epoch_loss[0] += stats[0]
+            epoch_loss[1] += stats[3]
+            elapsed = time.perf_counter() - t_window
+            values = {
+                "epoch": epoch + (b + 1) / ipe,
+                "loss": stats[0].item() / max(stats[3].item(), 1),
+                "top1": 100 * stats[1].item() / max(stats[3].item(), 1),
+                "top5": 100 * stats[2].item() / max(stats[3].item(), 1),
+                "lr": lr,
+                "img_per_s": stats[3].item() / max(elapsed, 1e-9),
+                "data_time_ms": 1000 * data_time / max(steps_in_window, 1),
+                "peak_mem_mb": peak_memory_mb(d.device),
+                "skipped_images": counter["skipped"],
+            }
+            writer.write("train", it + 1, values)
+            if bar_on:
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.4f}")
+            elif d.is_main:
+                eta = (state["total_iters"] - it - 1) * elapsed / max(steps_in_window, 1)
+                log.info(
+                    "epoch %d/%d iter %d/%d  loss %.4f  top1 %.2f  top5 %.2f  lr %.5f  "
+                    "%.0f img/s  data %.1f ms  mem %.0f MB  eta %s",
+                    epoch + 1, epochs, b + 1, ipe, values["loss"], values["top1"],
+                    values["top5"], lr, values["img_per_s"], values["data_time_ms"],
+                    values["peak_mem_mb"], _fmt_time(eta),
+                )  # fmt: skip
+            window.zero_()
+            t_window, data_time, steps_in_window = time.perf_counter(), 0.0, 0
+        period = tc["checkpoint_period"]
+        if period and (it + 1) % period == 0 and not last_of_epoch:
+            # The window is checked first so that no checkpoint ever holds diverged weights.
+            check_finite(all_reduce_sum(window[4:5].clone()).item(), state, it)
+            save_checkpoint([state["last_path"]], model, state, cfg, d)
+        t_last = time.perf_counter()
+    if counter["skipped"]:
+        log.warning(
+            "epoch %d: skipped %d unreadable training images", epoch + 1, counter["skipped"]
+        )
+    state["skipped_train"] += counter["skipped"]
+    return epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
+
+
+def check_finite(nonfinite: float, state: dict, it: int) -> None:
+    if nonfinite > 0:
+        raise FloatingPointError(
+            f"the training loss became NaN/Inf (at or before iteration {it + 1}); stopping. "
+            f"The last good checkpoint is kept at {state['last_path']} (if one was written). "
+            f"Lower the learning rate, add warmup or gradient clipping, or use --amp bf16 "
+            f"instead of fp16"
+        )
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train(cfg: dict, d: DistInfo) -> dict:
+    out = cfg["output_dir"]
+    setup_logging(out, d.is_main)
+    writer = MetricWriter(out, d.is_main)
+    try:
+        return _train(cfg, d, writer)
+    finally:
+        writer.close()
+
+
+def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
+    out, tc = cfg["output_dir"], cfg["train"]
+    log.info("output dir: %s (%d process%s, %s)", out, d.world, "es" * (d.world > 1), d.device)
+    seed_all(cfg["seed"])
+    train_set, val_set, classes, in_ch = build_datasets(cfg, train=True)
+    log.info("%s", describe_data(cfg, train_set, val_set, classes))
+
+    path = resume_path(cfg)
+    ckpt = ckpt_lib.load_checkpoint(path) if path else None
+    spec = model_spec(cfg, len(classes), in_ch)
+    graphs = None
+    if ckpt is not None:
+        ckpt_lib.check_model_spec(ckpt, spec, path)
+        if ckpt.get("classes") and list(ckpt["classes"]) != list(classes):
+            raise ckpt_lib.CheckpointMismatchError(
+                f"checkpoint {path!r} was trained on other classes ({len(ckpt['classes'])}: "
+                f"{ckpt['classes'][:3]}...) than this data ({len(classes)}: {classes[:3]}...)"
+            )
+        graphs = graphs_from_dict(ckpt["graphs"])  # restored as edge lists, never regenerated
+    model = build_model(spec["name"], graphs=graphs, **spec["kwargs"])
+    fingerprint = graphs_fingerprint(get_graphs(model))
+    check_same_on_all_ranks(fingerprint, "graph fingerprint")
+    log.info("model %s %s, graph fingerprint %s", spec["name"], spec["kwargs"], fingerprint)
+    if d.is_main:
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        if tc["complexity"]:
+            log_complexity(model, cfg, in_ch, writer)
+
+    model = prepare_model(model, cfg, d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = per_rank(tc["batch_size"], d, "train.batch_size")
+    o = cfg["optim"]
+    lr = scaled_lr(o["lr"], tc["batch_size"], o["reference_batch"])
+    optimizer = torch.optim.SGD(
+        params, lr=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
+        nesterov=o["nesterov"],
+    )  # fmt: skip
+    indices = subset_indices(len(train_set), cfg["data"]["train_subset"], cfg["seed"])
+    sampler = TrainSampler(indices, batch, cfg["seed"], d.rank, d.world)
+    ipe = sampler.batches_per_epoch
+    if ipe < 1:
+        raise ValueError(
+            f"the training set ({len(indices)} images) is smaller than one batch per process "
+            f"({batch}); lower --batch-size"
+        )
+    total = cfg["schedule"]["epochs"] * ipe
+    warmup = round(cfg["schedule"]["warmup_epochs"] * ipe)
+    scheduler = CosineWarmup(optimizer, lr, total, warmup, cfg["schedule"]["warmup_factor"])
+    amp_dtype, use_scaler = amp_settings(cfg, d)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=use_scaler)
+    ema = ModelEMA(model, tc["ema_decay"]) if tc["ema"] else None
+    log.info(
+        "lr %.4g = %.4g x global batch %d / reference batch %d; %d iterations/epoch, %d epochs,"
+        " %d warmup iterations, half-period cosine",
+        lr, o["lr"], tc["batch_size"], o["reference_batch"], ipe, cfg["schedule"]["epochs"],
+        warmup,
+    )  # fmt: skip
+    state = {
+        "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema,
+        "amp": (amp_dtype, use_scaler), "writer": writer, "iters_per_epoch": ipe,
+        "total_iters": total, "iteration": 0, "classes": classes, "skipped_train": 0,
+        "metrics": {"best_top1": -1.0}, "last_path": os.path.join(out, ckpt_lib.LAST),
+    }  # fmt: skip
+
+    # Per-rank stream for dropout and edge drop (the init above was identical on all ranks).
+    seed_all(cfg["seed"] + 1_000_003 * (d.rank + 1))
+    start_iter = 0
+    if ckpt is not None:
+        start_iter = load_training_state(ckpt, model, state, d, path)
+    start_epoch, start_batch = divmod(start_iter, ipe)
+
+    if d.distributed:
+        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if tc["compile"]:
+        model = torch.compile(model)
+    train_loader = make_loader(train_set, sampler, batch, cfg, d, cfg["seed"])
+    val_loader = eval_loader(val_set, cfg, d)
+
+    result = dict(state["metrics"])
+    for epoch in range(start_epoch, cfg["schedule"]["epochs"]):
+        sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+        t0 = time.perf_counter()
+        train_loss = train_epoch(model, train_loader, epoch, sampler.start_batch, state, cfg, d)
+        last = epoch + 1 == cfg["schedule"]["epochs"]
+        paths = [state["last_path"]]
+        if last or (epoch + 1) % tc["eval_period"] == 0:
+            result = run_eval(model, val_loader, epoch, state, cfg, d, train_loss, t0)
+            if result["top1"] > state["metrics"]["best_top1"]:
+                state["metrics"]["best_top1"] = result["top1"]
+                paths.append(os.path.join(out, ckpt_lib.BEST))
+            state["metrics"].update({k: result[k] for k in ("top1", "top5")})
+            result["best_top1"] = state["metrics"]["best_top1"]
+        save_checkpoint(paths, model, state, cfg, d)
+
+    if start_epoch >= cfg["schedule"]["epochs"]:
+        log.info("training already finished at iteration %d; evaluating", start_iter)
+        result = evaluate(ckpt_lib.unwrap(model), val_loader, d, cfg)
+    final = {k: result.get(k) for k in ("top1", "top5", "count", "skipped")}
+    final["best_top1"] = state["metrics"]["best_top1"]
+    if d.is_main:
+        log.info("checkpoints: %s", out)
+        print(
+            f"final top-1: {final['top1']:.2f}%  top-5: {final['top5']:.2f}%  "
+            f"({final['count']} {('test' if cfg['data']['name'] == 'fashion_mnist' else 'val')} "
+            f"images, best top-1 {final['best_top1']:.2f}%)",
+            flush=True,
+        )
+    return final
+
+
+def load_training_state(ckpt: dict, model, state: dict, d: DistInfo, path: str) -> int:
+    """Restore everything needed to continue exactly; return the iteration to continue from."""
+    model.load_state_dict(ckpt["model"])
+    state["optimizer"].load_state_dict(ckpt["optimizer"])
+    state["scheduler"].load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") is not None and state["scaler"].is_enabled():
+        state["scaler"].load_state_dict(ckpt["scaler"])
+    if state["ema"] is not None and ckpt.get("ema") is not None:
+        state["ema"].load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 0))
+    state["metrics"].update(ckpt.get("metrics") or {})
+    it = int(ckpt["iteration"])
+    old = ckpt.get("sampler") or {}
+    ipe = state["iters_per_epoch"]
+    rng = ckpt.get("rng") or []
+    if old.get("iters_per_epoch") == ipe and old.get("world") == d.world and len(rng) == d.world:
+        ckpt_lib.set_rng_state(rng[d.rank])
+    else:
+        restart = (it // old.get("iters_per_epoch", ipe)) * ipe
+        log.warning(
+            "the checkpoint was written with %s iterations/epoch on %s processes (now %d on %d): "
+            "continuing from the start of its epoch (iteration %d), not bit-exactly",
+            old.get("iters_per_epoch"), old.get("world"), ipe, d.world, restart,
+        )  # fmt: skip
+        it = restart
+    state["iteration"] = it
+    log.info("resumed from %s at epoch %d, iteration %d", path, it // ipe, it)
+    return it
+
+
+def run_eval(model, loader, epoch, state, cfg, d, train_loss, t0) -> dict:
+    plain = ckpt_lib.unwrap(model)
+    r = evaluate(plain, loader, d, cfg, f"eval {epoch + 1}")
+    values = {**r, "epoch": epoch + 1, "train_loss": train_loss}
+    if state["ema"] is not None:
+        e = evaluate(state["ema"].module, loader, d, cfg, "eval ema")
+        values.update({"ema_top1": e["top1"], "ema_top5": e["top5"]})
+    values["epoch_time_s"] = time.perf_counter() - t0
+    values["skipped_train_images"] = state["skipped_train"]
+    state["writer"].write("eval", state["iteration"], values)
+    ema_txt = f"  ema top-1 {values['ema_top1']:.2f}" if "ema_top1" in values else ""
+    log.info(
+        "epoch %d: top-1 %.2f%%  top-5 %.2f%%  val loss %.4f  (%d images, %d skipped)%s  "
+        "epoch time %s",
+        epoch + 1, r["top1"], r["top5"], r["loss"], r["count"], r["skipped"], ema_txt,
+        _fmt_time(values["epoch_time_s"]),
+    )  # fmt: skip
+    return values
+
+
+# ---------------------------------------------------------------------------- eval only
+
+
+def eval_only(cfg: dict, d: DistInfo) -> dict:
+    out = cfg["output_dir"]
+    setup_logging(out, d.is_main)
+    writer = MetricWriter(out, d.is_main, tensorboard=False)
+    try:
+        path = cfg["eval"]["weights"]
+        ckpt = ckpt_lib.load_checkpoint(path)
+        _, val_set, classes, in_ch = build_datasets(cfg, train=False, classes=ckpt.get("classes"))
+        log.info("%s", describe_data(cfg, None, val_set, classes))
+        spec = model_spec(cfg, len(classes), in_ch)
+        ckpt_lib.check_model_spec(ckpt, spec, path, eval_only=True)
+        have = ckpt["model_spec"]
+        graphs = graphs_from_dict(ckpt["graphs"])
+        model = build_model(have["name"], graphs=graphs, **have["kwargs"])
+        check_same_on_all_ranks(graphs_fingerprint(get_graphs(model)), "graph fingerprint")
+        weights = "model"
+        if cfg["eval"]["ema"]:
+            if ckpt.get("ema") is None:
+                raise ValueError(f"--eval-ema: checkpoint {path!r} has no EMA weights")
+            weights = "ema"
+        model.load_state_dict(ckpt[weights])
+        model = prepare_model(model, cfg, d)
+        r = evaluate(model, eval_loader(val_set, cfg, d), d, cfg)
+        r.update({"weights": path, "which": weights, "test_size": cfg["data"]["test_size"]})
+        writer.write("eval_only", int(ckpt.get("iteration", 0)), r)
+        if d.is_main:
+            print(
+                f"{path} ({weights} weights) at {r['test_size']}px: top-1 {r['top1']:.2f}%  "
+                f"top-5 {r['top5']:.2f}%  ({r['count']} images, {r['skipped']} skipped)",
+                flush=True,
+            )
+        return r
+    finally:
+        writer.close()
+
+
+def main(cfg: dict) -> dict:
+    d = init_distributed(cfg["device"])
+    try:
+        if cfg["eval"]["only"]:
+            return eval_only(cfg, d)
+        return train(cfg, d)
+    finally:
+        cleanup()

@@ -1,0 +1,1 @@
+"""Analyses behind ``tools/analyze.py``: complexity tables against the papers, graph statistics."""

@@ -1,0 +1,107 @@
+"""Detection training and evaluation: detectron2's ``DefaultTrainer`` with rwdet's pieces.
+
+What differs from detectron2's ``tools/train_net.py``: the config has the ``MODEL.RWDET`` keys,
+checkpoints go through ``RwdetCheckpointer`` (safe loading, atomic saving, graphs embedded and
+checked), datasets are checked before anything is built, evaluation is the official
+pycocotools COCOeval, and a run auto-resumes from the last checkpoint in ``OUTPUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+
+from rwdet.d2.checkpoint import RwdetCheckpointer
+from rwdet.d2.config import add_rwdet_config
+from rwdet.d2.datasets import check_datasets
+
+logger = logging.getLogger("rwdet.d2")
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Same role as DefaultTrainer's checkpointer; the periodic hook must save through it.
+        self.checkpointer = RwdetCheckpointer(
+            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        for h in self._hooks:
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                h.checkpointer = self.checkpointer
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        # The official pycocotools COCOeval, as in the paper's tables.
+        return COCOEvaluator(
+            dataset_name, tasks=("bbox",), output_dir=output_folder, use_fast_impl=False
+        )
+
+
+def setup(args):
+    """Config from file + overrides, with the runtime adjustments a CPU-only host needs."""
+    cfg = get_cfg()
+    add_rwdet_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but CUDA is not available: using cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        logger.warning("SOLVER.AMP.ENABLED needs CUDA (detectron2's AMPTrainer): AMP is off")
+        cfg.SOLVER.AMP.ENABLED = False
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def has_checkpoint(output_dir: str) -> bool:
+    return os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
+
+
+def main(args):
+    cfg = setup(args)
+    check_datasets(cfg, list(cfg.DATASETS.TEST) if args.eval_only else None)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        RwdetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+            print_summary(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    resume = args.resume or (not args.no_auto_resume and has_checkpoint(cfg.OUTPUT_DIR))
+    if resume and not args.resume:
+        logger.info("auto-resuming from the last checkpoint in %s", cfg.OUTPUT_DIR)
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    res = getattr(trainer, "_last_eval_results", None)
+    if res and comm.is_main_process():
+        print_summary(cfg, res)
+    return res
+
+
+def print_summary(cfg, res) -> None:
+    """One plain line per test set: the numbers a reader looks for first."""
+    per_set = res if len(cfg.DATASETS.TEST) > 1 else {cfg.DATASETS.TEST[0]: res}
+    for name, r in per_set.items():
+        bbox = r.get("bbox", {})
+        if bbox:
+            print(
+                f"[rwdet] {name} bbox: AP {bbox['AP']:.2f}  AP50 {bbox['AP50']:.2f}  "
+                f"AP75 {bbox['AP75']:.2f}  APs {bbox['APs']:.2f}  APm {bbox['APm']:.2f}  "
+                f"APl {bbox['APl']:.2f}",
+                flush=True,
+            )

@@ -1,0 +1,156 @@
+"""ResNets with a chosen subnetwork: DNW sparse training (DNW Table 4) and edge-popup (§4.6).
+
+torchvision's ResNet with its layers swapped, so the architecture is exactly torchvision's:
+
+- ``resnet50_dnw``: every conv and the FC are ``DNWConv2d``/``DNWLinear`` keeping a fraction
+  ``k`` of their weights (fixed per layer; Table 4's "Weights (%)"); biases and BatchNorm stay
+  dense; ``first_layer_dense=True`` keeps the 7x7 stem conv dense (Table 4, "First Layer Dense").
+- ``resnet50_popup``, ``resnet101_popup``, ``wide_resnet50_popup``: every conv and the FC are
+  edge-popup layers with fixed random weights and learned scores (k = 0.3, the paper's
+  ImageNet setting), BatchNorm is non-affine, the FC has no bias (no learned weights at all).
+
+``forward_features`` returns ``conv1`` (stem, stride 2) and ``conv2..conv5`` (res2..res5, strides
+4..32), named as in RandWire so the Detectron2 backbone treats every model alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from rwdet.models.registry import register_model
+from rwdet.nn.choose import kept_count
+from rwdet.nn.sparse_layers import (
+    DNWConv2d,
+    DNWLinear,
+    PopupConv2d,
+    PopupLinear,
+    _check_init,
+    nonaffine_batchnorm,
+)
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+    )
+
+
+def _swap(model: nn.Module, make) -> None:
+    """Replace every submodule ``m`` for which ``make(name, m)`` returns a module."""
+    for name, module in list(model.named_modules()):
+        new = make(name, module)
+        if new is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class SparseResNet(ResNet):
+    """torchvision ResNet whose convs and FC are DNW or edge-popup layers.
+
+    Args:
+        mode: "dnw" (sparse training) or "popup" (subnetwork of a random network).
+        k: fraction of each layer's weights KEPT.
+        init, scale: edge-popup's fixed-weight distribution (``rwdet.nn.sparse_layers``).
+        first_layer_dense: keep the stem conv an ordinary dense, learned conv.
+        stem: "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv, no pool; 28-32 px).
+    """
+
+    def __init__(
+        self,
+        layers: list[int],
+        width_per_group: int = 64,
+        mode: str = "popup",
+        k: float = 0.3,
+        init: str = "signed_constant",
+        scale: bool = True,
+        first_layer_dense: bool = False,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+    ):
+        super().__init__(Bottleneck, layers, num_classes=num_classes, width_per_group=width_per_group)
+        if mode not in ("dnw", "popup"):
+            raise ValueError(f"mode={mode!r} is not known; use 'dnw' or 'popup'")
+        if stem not in ("imagenet", "small"):
+            raise ValueError(f"stem={stem!r} is not known; use 'imagenet' or 'small'")
+        kept_count(k, 1)  # validates k
+        _check_init(init)
+        if stem == "small" or in_channels != 3:
+            small = stem == "small"
+            self.conv1 = nn.Conv2d(
+                in_channels, 64, 3 if small else 7, 1 if small else 2, 1 if small else 3, bias=False
+            )
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            if small:
+                self.maxpool = nn.Identity()
+        self.mode, self.k, self.first_layer_dense = mode, float(k), bool(first_layer_dense)
+
+        def make(name, m):
+            if name == "conv1" and first_layer_dense:
+                return None
+            if isinstance(m, nn.Conv2d):
+                if mode == "popup":
+                    return PopupConv2d(**_conv_args(m), bias=False, k=k, init=init, scale=scale)
+                new = DNWConv2d(**_conv_args(m), bias=m.bias is not None, k=k)
+                new.load_state_dict(m.state_dict())  # keep torchvision's initialisation
+                return new
+            if isinstance(m, nn.Linear):
+                if mode == "popup":
+                    return PopupLinear(m.in_features, m.out_features, k=k, init=init, scale=scale)
+                new = DNWLinear(m.in_features, m.out_features, k=k)
+                new.load_state_dict(m.state_dict())
+                return new
+            if isinstance(m, nn.BatchNorm2d) and mode == "popup":
+                return nonaffine_batchnorm(m.num_features)
+            return None
+
+        _swap(self, make)
+        s = 1 if stem == "small" else 2
+        self.stage_names = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+        expansion = Bottleneck.expansion
+        self.stage_channels = dict(
+            zip(self.stage_names, [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion])
+        )
+        self.stage_strides = dict(zip(self.stage_names, [s, 2 * s, 4 * s, 8 * s, 16 * s]))
+        self.feature_channels = self.stage_channels["conv5"]
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        c1 = self.relu(self.bn1(self.conv1(x)))
+        c2 = self.layer1(self.maxpool(c1))
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return {"conv1": c1, "conv2": c2, "conv3": c3, "conv4": c4, "conv5": c5}
+
+
+@register_model("resnet50_dnw")
+def resnet50_dnw(**kw) -> SparseResNet:
+    """ResNet-50 trained sparse by DNW (Table 4); k = fraction of weights kept per layer."""
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "mode": "dnw", "k": 0.1, **kw})
+
+
+@register_model("resnet50_popup")
+def resnet50_popup(**kw) -> SparseResNet:
+    """A subnetwork of a randomly weighted ResNet-50 (edge-popup Figure 8, k = 30%)."""
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "mode": "popup", "k": 0.3, **kw})
+
+
+@register_model("resnet101_popup")
+def resnet101_popup(**kw) -> SparseResNet:
+    return SparseResNet(**{"layers": [3, 4, 23, 3], "mode": "popup", "k": 0.3, **kw})
+
+
+@register_model("wide_resnet50_popup")
+def wide_resnet50_popup(**kw) -> SparseResNet:
+    """Wide ResNet-50-2: the randomly weighted network whose subnetwork matches ResNet-34."""
+    return SparseResNet(
+        **{"layers": [3, 4, 6, 3], "width_per_group": 128, "mode": "popup", "k": 0.3, **kw}
+    )

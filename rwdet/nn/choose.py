@@ -1,0 +1,120 @@
+"""The two edge-choice rules, as small autograd pieces every layer and graph reuses.
+
+**DNW** (Wortsman et al. 2019, Algorithm 1): the real edges are the ``count`` allowed entries
+with the largest ``|w|``; the forward pass uses ``w * mask``. In the backward pass every allowed
+weight, real or hallucinated, receives the full gradient ``dL/dw_eff`` (for an aggregation
+``I_v = sum w_uv Z_u`` that is ``<Z_u, dL/dI_v>``, so an SGD step is line 10 of Algorithm 1).
+The gradient *to the inputs* is the ordinary gradient of ``w_eff``, which is zero on
+hallucinated edges: the gradient flows *to* them but not *through* them, with no extra code.
+
+**edge-popup** (Ramanujan et al. 2020, §3): the weights are fixed; each has a score; the mask
+keeps the ``count`` entries with the largest ``|score|`` and the gradient goes straight through
+the mask to ``|score|`` (then, by the chain rule, to ``score`` times its sign — as in the
+authors' ``GetSubnet`` applied to ``scores.abs()``).
+
+Conventions, stated once for the whole library:
+
+- ``k`` is the fraction of weights **kept** (edge-popup's "% of weights", DNW Table 4's
+  "Weights (%)"), never the fraction pruned; public implementations disagree on this.
+- ``count = kept_count(k, n) = floor(k * n + 1/2)`` (round half up), clamped to ``[1, n]``.
+- Exactly ``count`` entries are kept even when values tie: the mask is built from ``topk``
+  indices, never from a threshold. Which of several tied entries wins is up to ``torch.topk``
+  (the same on every DDP rank, since ranks hold identical values).
+- ``topk`` of ``count`` (or of the ``n - count`` smallest, whichever is fewer) replaces the
+  full sort of the reference implementations.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def kept_count(k: float, n: int) -> int:
+    """Number of entries kept from ``n`` at fraction ``k``: ``round(k*n)``, half up, >= 1."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 0.0 < float(k) <= 1.0:
+        raise ValueError(
+            f"k={k!r} is out of range; k is the fraction of weights KEPT, a number in (0, 1] "
+            f"(e.g. 0.3 keeps 30%)"
+        )
+    if n < 1:
+        raise ValueError(f"cannot choose among n={n} entries; a layer needs at least one weight")
+    return max(1, min(n, math.floor(float(k) * n + 0.5)))
+
+
+@torch.no_grad()
+def topk_mask(values: torch.Tensor, count: int, allowed: torch.Tensor | None = None):
+    """0/1 mask (dtype and shape of ``values``) with exactly ``count`` ones on the largest
+    ``values`` among the ``allowed`` entries (all entries when ``allowed`` is None)."""
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    if allowed is not None:
+        if allowed.shape != values.shape:
+            raise ValueError(
+                f"allowed mask has shape {tuple(allowed.shape)}, values {tuple(values.shape)}"
+            )
+        n_allowed = int(allowed.sum())
+        # Impossible entries sink below every real value, so they are never among the top
+        # ``count`` (and are the first to go in the complement branch).
+        flat = flat.masked_fill(~allowed.reshape(-1).bool(), -math.inf)
+    else:
+        n_allowed = n
+    if not 0 <= count <= n_allowed:
+        raise ValueError(f"cannot keep count={count} of {n_allowed} allowed entries")
+    if count <= n - count:
+        mask = torch.zeros_like(flat)
+        if count:
+            mask[flat.topk(count, sorted=False).indices] = 1
+    else:
+        mask = torch.ones_like(flat)
+        if n - count:
+            mask[flat.topk(n - count, largest=False, sorted=False).indices] = 0
+    return mask.view_as(values)
+
+
+class _DNWStraightThrough(torch.autograd.Function):
+    """forward ``w * mask``; backward: the full gradient to every allowed ``w``."""
+
+    @staticmethod
+    def forward(ctx, w, mask, allowed):
+        ctx.save_for_backward(allowed)
+        return w * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (allowed,) = ctx.saved_tensors
+        if allowed.numel():
+            grad = grad * allowed
+        return grad, None, None
+
+
+def dnw_weight(w: torch.Tensor, count: int, allowed: torch.Tensor | None = None):
+    """DNW's effective weight: the ``count`` largest-``|w|`` allowed entries, others zero.
+
+    Hallucinated (allowed, unchosen) entries get the full gradient; impossible (disallowed)
+    entries get none, so they stay out of the optimizer's way as well as out of the forward.
+    """
+    mask = topk_mask(w.abs(), count, allowed)
+    if allowed is None:
+        empty = torch.empty(0, dtype=w.dtype, device=w.device)
+        return _DNWStraightThrough.apply(w, mask, empty)
+    return _DNWStraightThrough.apply(w, mask, allowed.to(w.dtype))
+
+
+class _PopupStraightThrough(torch.autograd.Function):
+    """forward: the top-``count`` mask of its input; backward: identity (straight through)."""
+
+    @staticmethod
+    def forward(ctx, magnitude, count):
+        return topk_mask(magnitude, count)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def popup_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """edge-popup's subnetwork mask from ``|scores|``, with a straight-through gradient."""
+    return _PopupStraightThrough.apply(scores.abs(), count)

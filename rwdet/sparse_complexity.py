@@ -1,0 +1,163 @@
+"""Complexity of DNW and edge-popup models: dense vs kept parameters and FLOPs.
+
+``sparse_complexity(model, input_size)`` counts, for one image, in eval mode:
+
+- ``params_dense``: every weight of the network the search runs on — all candidate edges,
+  all popup fixed weights, every node op — plus BN affine parameters and biases (learned or
+  not). Popup scores are bookkeeping of the search, not part of the network: reported apart as
+  ``score_params``.
+- ``params_kept``: only what the found network keeps: chosen weights/edges into live nodes,
+  and the ops of live nodes. Ordinary dense layers count their non-zero weights (so an exported
+  model with zeroed weights counts the same as the model it came from).
+- ``flops_dense`` / ``flops``: multiply-adds of convolutions, fully-connected layers and
+  channel-level graph edges (DNW's footnote 1: FLOPs = multiply-adds), dense vs kept. A dead
+  node — no real path to the stage output — does no work at inference and is skipped (DNW
+  §2.4: "neurons often die ... we may then skip the depthwise convolution"). As in
+  ``rwdet.complexity``, normalisation, activations, pooling and the node-level aggregation
+  sums are not counted; for a dense model ``flops == flops_dense ==`` fvcore's count.
+
+A node that lost all real in-edges but still feeds the output is *not* dead: it runs its op on
+zeros (its output is a learned constant map), so it is counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rwdet.models.mobilenet_dnw import NeuralGraph
+from rwdet.nn.learned_gates import DNWGates, FixedGates, PopupGates
+from rwdet.nn.sparse_layers import DNWConv2d, DNWLinear, PopupConv2d, PopupLinear
+from rwdet.nn.stage import GraphStage
+
+
+def stage_real_edges(stage: GraphStage) -> list[tuple[int, int]]:
+    """Edges that carry signal at inference (the learned choice, or non-zero frozen gates)."""
+    gates = stage.gates
+    if isinstance(gates, FixedGates):
+        return [e for e, w in zip(gates.edges, gates.values.tolist()) if w != 0.0]
+    return gates.active_edges()
+
+
+def stage_live_nodes(stage: GraphStage) -> list[bool]:
+    """``live[v]``: node v has a real path to a stage output (a candidate sink)."""
+    n = len(stage.nodes)
+    children: list[list[int]] = [[] for _ in range(n)]
+    for u, v in stage_real_edges(stage):
+        children[u].append(v)
+    live = [False] * n
+    sinks = set(stage.sinks)
+    for v in range(n - 1, -1, -1):
+        live[v] = v in sinks or any(live[c] for c in children[v])
+    return live
+
+
+def _weight_counts(m: nn.Module) -> tuple[int, int]:
+    """(dense, kept) weights of a conv / linear layer."""
+    if isinstance(m, (PopupConv2d, PopupLinear, DNWConv2d, DNWLinear)):
+        return m.weight.numel(), m.count
+    return m.weight.numel(), int(torch.count_nonzero(m.weight))
+
+
+@torch.no_grad()
+def sparse_complexity(model: nn.Module, input_size: int = 224, in_channels: int = 3) -> dict:
+    """Dense/kept params and FLOPs of one ``in_channels x input_size^2`` image (module doc)."""
+    out_shapes: dict[nn.Module, torch.Size] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, o: out_shapes.__setitem__(mod, o.shape))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, NeuralGraph))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, in_channels, input_size, input_size))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+    liveness = model.sparse_liveness() if hasattr(model, "sparse_liveness") else {}
+    dead: set[int] = set()  # ids of modules inside dead nodes
+    nodes = dead_nodes = 0
+    for stage in (m for m in model.modules() if isinstance(m, GraphStage)):
+        live = stage_live_nodes(stage)
+        nodes += len(live)
+        for v, ok in enumerate(live):
+            if not ok:
+                dead_nodes += 1
+                dead.update(id(m) for m in stage.nodes[v].modules())
+
+    r = dict(params_dense=0, params_kept=0, flops_dense=0, flops=0, score_params=0)
+    skip_inside: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip_inside):
+            continue
+        is_dead = id(m) in dead
+        if isinstance(m, NeuralGraph):
+            skip_inside.append(name)
+            c = _graph_counts(m, out_shapes[m], liveness.get(name))
+            nodes += c.pop("nodes")
+            dead_nodes += c.pop("dead_nodes")
+        elif isinstance(m, (nn.Conv2d, nn.Linear, PopupLinear)):
+            dense_w, kept_w = _weight_counts(m)
+            bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
+            if isinstance(m, nn.Conv2d):
+                hw = out_shapes[m][-1] * out_shapes[m][-2] if m in out_shapes else 0
+                if name in liveness:  # only the used output channels are computed
+                    rows = liveness[name].to(m.weight.device)
+                    kept_w = int(torch.count_nonzero(m.weight[rows]))
+                    bias = bias * int(rows.sum()) // max(1, m.out_channels)
+            else:
+                hw = 1
+            c = dict(
+                params_dense=dense_w + bias,
+                params_kept=kept_w + bias,
+                flops_dense=dense_w * hw,
+                flops=kept_w * hw,
+            )
+        elif isinstance(m, (DNWGates, PopupGates)):
+            stage_edges = set(stage_real_edges(_owner_stage(model, m)))
+            live = stage_live_nodes(_owner_stage(model, m))
+            kept = sum(1 for u, v in stage_edges if live[v])
+            c = dict(params_dense=len(m.edges), params_kept=kept, flops_dense=0, flops=0)
+        elif isinstance(m, FixedGates):
+            kept = len(stage_real_edges(_owner_stage(model, m)))
+            c = dict(params_dense=kept, params_kept=kept, flops_dense=0, flops=0)
+        else:
+            own = sum(p.numel() for p in m.parameters(recurse=False) if p is not None)
+            c = dict(params_dense=own, params_kept=own, flops_dense=0, flops=0)
+        if hasattr(m, "scores") and isinstance(m.scores, nn.Parameter):
+            r["score_params"] += m.scores.numel()
+        if is_dead:
+            c["params_kept"] = c["flops"] = 0
+        for key, value in c.items():
+            r[key] += int(value)
+    r.update(input_size=input_size, nodes=nodes, dead_nodes=dead_nodes)
+    return r
+
+
+def _owner_stage(model: nn.Module, gates: nn.Module) -> GraphStage:
+    for m in model.modules():
+        if isinstance(m, GraphStage) and m.gates is gates:
+            return m
+    raise ValueError("gate module is not inside a GraphStage of this model")
+
+
+def _graph_counts(g: NeuralGraph, shape: torch.Size, needed_out) -> dict:
+    hw = int(shape[-1] * shape[-2])
+    mask = g.kept_mask()
+    src_live, dst_needed = g.live_nodes(needed_out, mask)
+    kept_edges = int((mask & dst_needed[:, None]).sum())
+    n_src = src_live.numel()
+    per_node_params = 2 + 9  # BN (gamma, beta) + 3x3 depthwise kernel
+    live = int(src_live.sum())
+    dense_edges = int(g.allowed.sum())
+    return dict(
+        params_dense=dense_edges + per_node_params * n_src,
+        params_kept=kept_edges + per_node_params * live,
+        flops_dense=(dense_edges + 9 * n_src) * hw,
+        flops=(kept_edges + 9 * live) * hw,
+        nodes=n_src,
+        dead_nodes=n_src - live,
+    )

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Analysis tools for rwdet models.
+
+python tools/analyze.py complexity randwire_c109 --gen ws --k 4 --p 0.75 --seed 1 [--json]
+python tools/analyze.py complexity --table          # RandWire Tables 2-4, seeds 1-5, vs paper
+python tools/analyze.py graph randwire_small --seed 1 --out output/graphs
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rwdet.models.args import add_model_args, model_kwargs_from_args  # noqa: E402
+
+
+def cmd_complexity(args):
+    from rwdet.analysis.tables import randwire_tables, to_markdown
+    from rwdet.complexity import complexity
+    from rwdet.models import build_model
+
+    if args.table:
+        tables = randwire_tables()
+        print(json.dumps(tables, indent=1) if args.json else to_markdown(tables))
+        return
+    if args.model_name is None:
+        sys.exit("complexity: name a model (e.g. randwire_small) or pass --table")
+    args.model = args.model_name
+    kwargs = model_kwargs_from_args(args)
+    c = complexity(build_model(args.model, **kwargs), input_size=args.input_size)
+    c["model"], c["kwargs"] = args.model, kwargs
+    if args.json:
+        print(json.dumps(c))
+    else:
+        print(
+            f"{args.model} {kwargs or ''}\n"
+            f"  params:      {c['params'] / 1e6:.3f} M\n"
+            f"  FLOPs:       {c['flops'] / 1e6:.1f} M multiply-adds at {args.input_size}px\n"
+            f"  activations: {c['activations'] / 1e6:.2f} M"
+        )
+
+
+def cmd_graph(args):
+    from rwdet.graphs.plot import plot_stage
+    from rwdet.models import build_model, get_graphs
+
+    args.model = args.model_name
+    graphs = get_graphs(build_model(args.model, **model_kwargs_from_args(args)))
+    os.makedirs(args.out, exist_ok=True)
+    for name, spec in graphs.items():
+        path = plot_stage(spec, os.path.join(args.out, f"{name}.png"), title=f"{args.model} {name}")
+        print(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("complexity", help="params, FLOPs (fvcore) and activations")
+    p.add_argument("model_name", nargs="?", help="registered model name")
+    add_model_args(p)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--table", action="store_true", help="RandWire Tables 2-4 over seeds 1-5")
+    p.set_defaults(func=cmd_complexity)
+    p = sub.add_parser("graph", help="PNG plots of every stage graph (Figure 4 style)")
+    p.add_argument("model_name", help="registered model name")
+    add_model_args(p)
+    p.add_argument("--out", default="output/graphs", help="folder for the PNGs")
+    p.set_defaults(func=cmd_graph)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

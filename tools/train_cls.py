@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Train or evaluate an rwdet classifier.
+
+    python tools/train_cls.py --gen ws                  # Fashion-MNIST demo (CPU, minutes)
+    python tools/train_cls.py --config configs/cls/randwire_small.yaml --data /path/imagenet
+    torchrun --nproc_per_node=8 tools/train_cls.py --config ... --data ...
+    python tools/train_cls.py --config ... --data ... --eval-only --weights RUN/best.pth
+
+Flags override the config file; trailing KEY=VALUE pairs override any config key
+(e.g. optim.lr=0.05 train.ema=true). See classification/config.py for every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from classification.config import resolve  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="recipe YAML, e.g. configs/cls/randwire_small.yaml")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="registered model name (rwdet.models.list_models())")
+    g.add_argument("--gen", choices=["er", "ba", "ws", "complete"], help="graph generator")
+    g.add_argument("--k", type=int, help="WS: neighbours (even)")
+    g.add_argument("--p", type=float, help="ER/WS: probability")
+    g.add_argument("--m", type=int, help="BA: edges per new node")
+    g.add_argument("--seed", type=int, help="graph seed (fixes every stage graph)")
+    g.add_argument("--wiring", help="wiring mode (static = RandWire)")
+    g.add_argument("--nodes", type=int, help="N, nodes per stage")
+    g.add_argument("--channels", type=int, help="C, base width")
+    g = p.add_argument_group("data and schedule")
+    g.add_argument(
+        "--data", help="ImageNet-layout root (ROOT/train, ROOT/val); default: Fashion-MNIST"
+    )
+    g.add_argument("--workers", type=int, help="data-loading workers per process")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch size (all processes)")
+    g.add_argument("--lr", type=float, help="lr at optim.reference_batch (scaled linearly)")
+    g.add_argument("--wd", type=float, help="weight decay")
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--train-seed", type=int, help="training seed (init, data order, dropout)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", help="default: output/cls/<name>")
+    g.add_argument("--name", help="run name")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="resume from PATH (default: auto-resume from <output-dir>/last.pth)",
+    )
+    g.add_argument(
+        "--no-resume", action="store_true", help="start afresh even if a checkpoint exists"
+    )
+    g.add_argument("--eval-only", action="store_true", help="only evaluate --weights")
+    g.add_argument("--weights", help="checkpoint to evaluate")
+    g.add_argument("--test-size", type=int, help="evaluation crop size (e.g. 320)")
+    g.add_argument("--eval-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights")
+    g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision (CUDA)")
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across CUDA processes")
+    g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def flags_from_args(a) -> dict:
+    """The command-line flags as a partial config (only the flags that were given)."""
+    flags: dict = {}
+
+    def put(path, value, force=False):
+        if value is None and not force:
+            return
+        node = flags
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    gen_params = {k: getattr(a, k) for k in ("k", "p", "m") if getattr(a, k) is not None}
+    for path, value in [
+        ("model.name", a.model), ("model.gen", a.gen), ("model.seed", a.seed),
+        ("model.wiring", a.wiring), ("model.nodes", a.nodes), ("model.channels", a.channels),
+        ("model.gen_params", gen_params or None), ("data.root", a.data),
+        ("data.workers", a.workers), ("data.test_size", a.test_size),
+        ("schedule.epochs", a.epochs), ("schedule.warmup_epochs", a.warmup_epochs),
+        ("train.batch_size", a.batch_size), ("optim.lr", a.lr), ("optim.weight_decay", a.wd),
+        ("optim.clip_grad", a.clip_grad), ("seed", a.train_seed), ("output_dir", a.output_dir),
+        ("name", a.name), ("train.amp", a.amp), ("device", a.device),
+        ("train.resume", False if a.no_resume else a.resume), ("eval.weights", a.weights),
+    ]:  # fmt: skip
+        put(path, value)
+    for path, on in [
+        ("eval.only", a.eval_only), ("eval.ema", a.eval_ema), ("train.ema", a.ema),
+        ("train.channels_last", a.channels_last), ("train.compile", a.compile),
+        ("train.sync_bn", a.sync_bn),
+    ]:  # fmt: skip
+        if on:
+            put(path, True)
+    if a.test_size is not None:
+        put("data.test_resize", None, force=True)
+    return flags
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve(args.config, flags_from_args(args), args.opts)
+        from classification.trainer import main as run
+
+        run(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train_cls.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

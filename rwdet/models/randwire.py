@@ -12,6 +12,7 @@ from torch import nn
 
 from rwdet.graphs import GraphSpec, check_params, stage_seed
 from rwdet.models.registry import register_model
+from rwdet.models.width import matched_channels
 from rwdet.nn.stage import GraphStage
 from rwdet.nn.wiring import get_wiring
 
@@ -27,6 +28,7 @@ class RandWire(nn.Module):
         wiring: "static" (RandWire) or a learned mode; wiring_options go to its factory.
         stem: "imagenet" (conv1, conv2 downsample, output stride 32) or "small" for 28-32 px
             inputs (the first two downsamplings removed, output stride 8).
+        recompute: trade compute for memory in training (``rwdet.nn.recompute``).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class RandWire(nn.Module):
         graphs: dict | None = None,
         norm_layer=None,
         head_channels: int = 1280,
+        recompute: bool = False,
     ):
         super().__init__()
         if regime not in ("small", "regular"):
@@ -103,9 +106,8 @@ class RandWire(nn.Module):
             else:
                 spec = GraphSpec.generate(gen, n, stage_seed(seed, i), **gen_params)
             stride = s1 if (regime == "regular" and name == "conv2") else 2
-            stage = GraphStage(
-                spec, cin, cout, stride, node_op, mode.make_gates(spec, edge_drop), conv, norm
-            )
+            gates = mode.make_gates(spec, edge_drop)
+            stage = GraphStage(spec, cin, cout, stride, node_op, gates, conv, norm, recompute)
             setattr(self, name, stage)
         last = plan[-1][3]
         strides = [s1, s1 * s1, s1 * s1 * 2, s1 * s1 * 4, s1 * s1 * 8]
@@ -153,19 +155,28 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _with_matched_width(defaults: dict, kw: dict) -> dict:
+    """Another node op without an explicit width gets the C that keeps FLOPs near the default."""
+    args = {**defaults, **kw}
+    op = kw.get("node_op", "sepconv")
+    if op != "sepconv" and "channels" not in kw:
+        args["channels"] = matched_channels(args["regime"], defaults["channels"], args["nodes"], op)
+    return args
+
+
 @register_model("randwire_small")
 def randwire_small(**kw) -> RandWire:
     """Small regime (Table 2): C=78, N=32, ~583M FLOPs, ~5.6M params with WS(4, 0.75)."""
-    return RandWire(**{"regime": "small", "channels": 78, "nodes": 32, **kw})
+    return RandWire(**_with_matched_width({"regime": "small", "channels": 78, "nodes": 32}, kw))
 
 
 @register_model("randwire_c109")
 def randwire_c109(**kw) -> RandWire:
     """Regular regime (Table 3): C=109, ~4.0G FLOPs, ~31.9M params."""
-    return RandWire(**{"regime": "regular", "channels": 109, "nodes": 32, **kw})
+    return RandWire(**_with_matched_width({"regime": "regular", "channels": 109, "nodes": 32}, kw))
 
 
 @register_model("randwire_c154")
 def randwire_c154(**kw) -> RandWire:
     """Regular regime (Table 3): C=154, ~7.9G FLOPs, ~61.5M params."""
-    return RandWire(**{"regime": "regular", "channels": 154, "nodes": 32, **kw})
+    return RandWire(**_with_matched_width({"regime": "regular", "channels": 154, "nodes": 32}, kw))

@@ -12,6 +12,7 @@ from torch import nn
 from rwdet.graphs import GraphSpec
 from rwdet.nn.gates import EdgeGates, StaticGates
 from rwdet.nn.node_ops import build_node_op
+from rwdet.nn.recompute import checkpointed, wants_recompute
 
 
 class GraphStage(nn.Module):
@@ -25,6 +26,8 @@ class GraphStage(nn.Module):
     - The stage output is the unweighted mean of the sinks.
     - Nodes run in index order (a topological order, since every edge has ``u < v``) and each
       output is released as soon as its last child has consumed it.
+    - ``recompute=True`` keeps only node outputs for backward and rebuilds each node's
+      intermediates during backward (``rwdet.nn.recompute``): same results, far less memory.
     """
 
     def __init__(
@@ -37,9 +40,11 @@ class GraphStage(nn.Module):
         gates: EdgeGates | None = None,
         conv_layer=nn.Conv2d,
         norm_layer=nn.BatchNorm2d,
+        recompute: bool = False,
     ):
         super().__init__()
         self.spec = spec
+        self.recompute = recompute
         self.gates = gates if gates is not None else StaticGates(spec.edges)
         edges = self.gates.edges
         n = spec.n
@@ -83,11 +88,20 @@ class GraphStage(nn.Module):
             agg = term if agg is None else agg + term
         return agg
 
+    def run_node(self, v: int, x: torch.Tensor, gates: torch.Tensor, *parents: torch.Tensor):
+        outs = dict(zip((u for _, u in self.in_edges[v]), parents))
+        return self.nodes[v](self.aggregate(v, x, outs, gates))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.gates()
         outs: dict[int, torch.Tensor] = {}
+        recompute = wants_recompute(self.recompute, self)
         for v, node in enumerate(self.nodes):
-            outs[v] = node(self.aggregate(v, x, outs, gates))
+            if recompute:
+                parents = [outs[u] for _, u in self.in_edges[v]]
+                outs[v] = checkpointed(self.run_node, v, x, gates, *parents, module=node)
+            else:
+                outs[v] = node(self.aggregate(v, x, outs, gates))
             for u in self.release_after[v]:
                 del outs[u]
         out = outs[self.sinks[0]]

@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Training-step time, peak memory and inference throughput, as ratios to ResNet-50.
+
+Every measurement runs in a fresh subprocess (so CPU peak RSS is that model's alone), models
+alternate round by round so machine drift hits all of them alike, and each number is the median
+over rounds. Ratios are taken against torchvision ResNet-50 measured in the same run.
+
+  python benchmarks/train_step.py                       # CPU, batch 16, 224px, fp32
+  python benchmarks/train_step.py --device cuda --batch 128 --amp bf16 --channels-last
+  python benchmarks/train_step.py --models randwire_c109 resnet50 --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BASELINE = "resnet50"
+DEFAULT_MODELS = [
+    "resnet50",
+    "randwire_c109",
+    "randwire_small",
+    "mobilenet_v2",
+    "randwire_c154",
+    "randwire_c109:dnw",
+    "mobilenetv1_dnw_x0225",
+    "resnet50_popup",
+]
+
+
+def build(spec: str, overrides: dict):
+    """``name`` or ``name:wiring``; torchvision names (resnet50, mobilenet_v2) are baselines."""
+    import torchvision
+
+    from rwdet.models import build_model, list_models
+
+    name, _, wiring = spec.partition(":")
+    if name in ("resnet50", "mobilenet_v2"):
+        return getattr(torchvision.models, name)()
+    if name not in list_models():
+        return None
+    kwargs = dict(overrides)
+    if wiring:
+        kwargs["wiring"] = wiring
+    return build_model(name, **kwargs)
+
+
+def worker(args) -> dict:
+    """One model, one process: warm-up, then timed steps; prints one JSON line."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model = build(args.worker, json.loads(args.overrides))
+    if model is None:
+        return {"model": args.worker, "skipped": "not registered"}
+    dev = torch.device(args.device)
+    model.to(dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-5)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).to(memory_format=fmt)
+    y = torch.randint(0, 1000, (args.batch,), device=dev)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    model.eval()
+    infer = []
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+        for _ in range(max(2, args.iters // 2)):
+            t = time.perf_counter()
+            model(x)
+            sync()
+            infer.append(time.perf_counter() - t)
+    return {
+        "model": args.worker,
+        "step_s": statistics.median(times),
+        "peak_bytes": int(peak),
+        "infer_img_s": args.batch / statistics.median(infer),
+        "train_img_s": args.batch / statistics.median(times),
+    }
+
+
+def run_worker(spec: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec]
+    for flag in ("device", "batch", "size", "iters", "warmup", "amp", "threads", "overrides"):
+        cmd += [f"--{flag}", str(getattr(args, flag))]
+    if args.channels_last:
+        cmd.append("--channels-last")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"model": spec, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    base = [r for r in results.get(BASELINE, []) if "step_s" in r]
+    base_step = statistics.median(r["step_s"] for r in base) if base else None
+    base_peak = statistics.median(r["peak_bytes"] for r in base) if base else None
+    for model, runs in results.items():
+        ok = [r for r in runs if "step_s" in r]
+        if not ok:
+            rows.append({"model": model, "note": runs[0].get("skipped") or runs[0].get("error")})
+            continue
+        row = {"model": model}
+        for key in ("step_s", "peak_bytes", "infer_img_s", "train_img_s"):
+            row[key] = statistics.median(r[key] for r in ok)
+        if base_step:
+            row["step_ratio"] = row["step_s"] / base_step
+            row["peak_ratio"] = row["peak_bytes"] / base_peak
+        rows.append(row)
+    return rows
+
+
+def environment(args) -> dict:
+    import torch
+
+    env = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads or torch.get_num_threads(),
+        "batch": args.batch,
+        "size": args.size,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+    }
+    if args.device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--iters", type=int, default=5, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (median taken)")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--overrides", default="{}", help="JSON kwargs for rwdet models")
+    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results: dict[str, list[dict]] = {m: [] for m in args.models}
+    for r in range(args.rounds):
+        for m in args.models:
+            results[m].append(run_worker(m, args))
+            print(f"round {r + 1}/{args.rounds} {m}: {results[m][-1]}", file=sys.stderr)
+    rows = summarize(results)
+    print(f"{'model':<24}{'step s':>9}{'x R50':>7}{'peak MiB':>10}{'x R50':>7}{'infer img/s':>13}")
+    for row in rows:
+        if "step_s" not in row:
+            print(f"{row['model']:<24}  {row['note']}")
+            continue
+        print(
+            f"{row['model']:<24}{row['step_s']:>9.3f}{row.get('step_ratio', float('nan')):>7.2f}"
+            f"{row['peak_bytes'] / 2**20:>10.0f}{row.get('peak_ratio', float('nan')):>7.2f}"
+            f"{row['infer_img_s']:>13.1f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(args), "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,15 +43,33 @@ def cmd_complexity(args):
 
 
 def cmd_graph(args):
+    from rwdet.analysis.graph_stats import graphs_from_checkpoint, stage_stats
     from rwdet.graphs.plot import plot_stage
     from rwdet.models import build_model, get_graphs
 
-    args.model = args.model_name
-    graphs = get_graphs(build_model(args.model, **model_kwargs_from_args(args)))
+    if os.path.isfile(args.model_name):
+        graphs = graphs_from_checkpoint(args.model_name)
+        label = os.path.basename(args.model_name)
+    else:
+        args.model = args.model_name
+        graphs = get_graphs(build_model(args.model, **model_kwargs_from_args(args)))
+        label = args.model
     os.makedirs(args.out, exist_ok=True)
+    stats = {}
     for name, spec in graphs.items():
-        path = plot_stage(spec, os.path.join(args.out, f"{name}.png"), title=f"{args.model} {name}")
-        print(path)
+        png = plot_stage(spec, os.path.join(args.out, f"{name}.png"), title=f"{label} {name}")
+        stats[name] = {**stage_stats(spec), "png": png}
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return
+    cols = ["nodes", "edges", "sources", "sinks", "max_in_degree", "max_out_degree", "longest_path"]
+    print(f"{'stage':<10}" + "".join(f"{c:>15}" for c in cols) + f"{'clustering':>12}  png")
+    for name, s in stats.items():
+        print(
+            f"{name:<10}"
+            + "".join(f"{s[c]:>15}" for c in cols)
+            + f"{s['clustering']:>12.3f}  {s['png']}"
+        )
 
 
 def main(argv=None):
@@ -67,9 +85,10 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="RandWire Tables 2-4 over seeds 1-5")
     p.set_defaults(func=cmd_complexity)
     p = sub.add_parser("graph", help="PNG plots of every stage graph (Figure 4 style)")
-    p.add_argument("model_name", help="registered model name")
+    p.add_argument("model_name", help="registered model name or an rwdet checkpoint path")
     add_model_args(p)
     p.add_argument("--out", default="output/graphs", help="folder for the PNGs")
+    p.add_argument("--json", action="store_true", help="statistics as JSON")
     p.set_defaults(func=cmd_graph)
     args = parser.parse_args(argv)
     args.func(args)

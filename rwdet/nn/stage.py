@@ -76,6 +76,10 @@ class GraphStage(nn.Module):
             for v in range(n)
         )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        # Graph damage (RandWire §4.1, inference only): removed edge indices; a removed node
+        # is all of its out-edges plus, for a sink, its place in the output mean.
+        self.removed_edges: set[int] = set()
+        self.removed_nodes: set[int] = set()
 
     def aggregate(self, v: int, x: torch.Tensor, outs: dict, gates: torch.Tensor):
         ins = self.in_edges[v]
@@ -84,9 +88,11 @@ class GraphStage(nn.Module):
         unit = self.gates.unit_edges
         agg = None
         for e, u in ins:
+            if e in self.removed_edges:
+                continue
             term = outs[u] if e in unit else outs[u] * gates[e]
             agg = term if agg is None else agg + term
-        return agg
+        return agg if agg is not None else torch.zeros_like(outs[ins[0][1]])
 
     def run_node(self, v: int, x: torch.Tensor, gates: torch.Tensor, *parents: torch.Tensor):
         outs = dict(zip((u for _, u in self.in_edges[v]), parents))
@@ -104,7 +110,14 @@ class GraphStage(nn.Module):
                 outs[v] = node(self.aggregate(v, x, outs, gates))
             for u in self.release_after[v]:
                 del outs[u]
-        out = outs[self.sinks[0]]
-        for s in self.sinks[1:]:
+        sinks = (
+            [s for s in self.sinks if s not in self.removed_nodes]
+            if self.removed_nodes
+            else self.sinks
+        )
+        if not sinks:
+            return torch.zeros_like(outs[self.sinks[0]])
+        out = outs[sinks[0]]
+        for s in sinks[1:]:
             out = out + outs[s]
-        return out / len(self.sinks) if len(self.sinks) > 1 else out
+        return out / len(sinks) if len(sinks) > 1 else out

@@ -26,37 +26,23 @@ import torch
 from torch import nn
 
 from rwdet.models.mobilenet_dnw import NeuralGraph
+from rwdet.nn.export import stage_live_nodes
 from rwdet.nn.learned_gates import DNWGates, FixedGates, PopupGates
 from rwdet.nn.sparse_layers import DNWConv2d, DNWLinear, PopupConv2d, PopupLinear
 from rwdet.nn.stage import GraphStage
 
 
-def stage_real_edges(stage: GraphStage) -> list[tuple[int, int]]:
-    """Edges that carry signal at inference (the learned choice, or non-zero frozen gates)."""
-    gates = stage.gates
-    if isinstance(gates, FixedGates):
-        return [e for e, w in zip(gates.edges, gates.values.tolist()) if w != 0.0]
-    return gates.active_edges()
-
-
-def stage_live_nodes(stage: GraphStage) -> list[bool]:
-    """``live[v]``: node v has a real path to a stage output (a candidate sink)."""
-    n = len(stage.nodes)
-    children: list[list[int]] = [[] for _ in range(n)]
-    for u, v in stage_real_edges(stage):
-        children[u].append(v)
-    live = [False] * n
-    sinks = set(stage.sinks)
-    for v in range(n - 1, -1, -1):
-        live[v] = v in sinks or any(live[c] for c in children[v])
-    return live
-
-
-def _weight_counts(m: nn.Module) -> tuple[int, int]:
-    """(dense, kept) weights of a conv / linear layer."""
+def _weight_counts(m: nn.Module, used: torch.Tensor | None) -> tuple[int, int]:
+    """(dense, kept) weights of a conv / linear layer. ``used``: the output channels (conv) or
+    input features (linear) that matter downstream; weights elsewhere do no work."""
     if isinstance(m, (PopupConv2d, PopupLinear, DNWConv2d, DNWLinear)):
-        return m.weight.numel(), m.count
-    return m.weight.numel(), int(torch.count_nonzero(m.weight))
+        kept = m.kept_mask()
+    else:
+        kept = m.weight != 0
+    if used is not None:
+        used = used.to(kept.device)
+        kept = kept[used] if isinstance(m, nn.Conv2d) else kept[:, used]
+    return m.weight.numel(), int(kept.sum())
 
 
 @torch.no_grad()
@@ -71,7 +57,8 @@ def sparse_complexity(model: nn.Module, input_size: int = 224, in_channels: int 
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, in_channels, input_size, input_size))
+        device = next(model.parameters()).device
+        model(torch.zeros(1, in_channels, input_size, input_size, device=device))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -100,14 +87,13 @@ def sparse_complexity(model: nn.Module, input_size: int = 224, in_channels: int 
             nodes += c.pop("nodes")
             dead_nodes += c.pop("dead_nodes")
         elif isinstance(m, (nn.Conv2d, nn.Linear, PopupLinear)):
-            dense_w, kept_w = _weight_counts(m)
+            used = liveness.get(name)
+            dense_w, kept_w = _weight_counts(m, used)
             bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
             if isinstance(m, nn.Conv2d):
                 hw = out_shapes[m][-1] * out_shapes[m][-2] if m in out_shapes else 0
-                if name in liveness:  # only the used output channels are computed
-                    rows = liveness[name].to(m.weight.device)
-                    kept_w = int(torch.count_nonzero(m.weight[rows]))
-                    bias = bias * int(rows.sum()) // max(1, m.out_channels)
+                if used is not None:  # only the used output channels are computed
+                    bias = bias * int(used.sum()) // max(1, m.out_channels)
             else:
                 hw = 1
             c = dict(
@@ -117,16 +103,20 @@ def sparse_complexity(model: nn.Module, input_size: int = 224, in_channels: int 
                 flops=kept_w * hw,
             )
         elif isinstance(m, (DNWGates, PopupGates)):
-            stage_edges = set(stage_real_edges(_owner_stage(model, m)))
+            stage_edges = set(_owner_stage(model, m).gates.active_edges())
             live = stage_live_nodes(_owner_stage(model, m))
             kept = sum(1 for u, v in stage_edges if live[v])
             c = dict(params_dense=len(m.edges), params_kept=kept, flops_dense=0, flops=0)
         elif isinstance(m, FixedGates):
-            kept = len(stage_real_edges(_owner_stage(model, m)))
+            kept = len(m.active_edges())
             c = dict(params_dense=kept, params_kept=kept, flops_dense=0, flops=0)
         else:
-            own = sum(p.numel() for p in m.parameters(recurse=False) if p is not None)
-            c = dict(params_dense=own, params_kept=own, flops_dense=0, flops=0)
+            own = [p for p in m.parameters(recurse=False) if p is not None]
+            dense = sum(p.numel() for p in own)
+            kept = dense
+            if name in liveness:  # per-channel parameters (BN) of used channels only
+                kept = sum(p[liveness[name].to(p.device)].numel() for p in own)
+            c = dict(params_dense=dense, params_kept=kept, flops_dense=0, flops=0)
         if hasattr(m, "scores") and isinstance(m.scores, nn.Parameter):
             r["score_params"] += m.scores.numel()
         if is_dead:

@@ -53,3 +53,17 @@ def test_recompute_model_matches_reference_with_edge_drop():
     la.backward(), lb.backward()
     for (name, pa), (_, pb) in zip(ref.named_parameters(), opt.named_parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weighted_sum_matches_naive_and_gradcheck():
+    from rwdet.nn.aggregate import weighted_sum
+
+    torch.manual_seed(0)
+    w = torch.randn(3, dtype=torch.double, requires_grad=True)
+    zs = [torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True) for _ in range(3)]
+    naive = sum(wi * z for wi, z in zip(w, zs))
+    torch.testing.assert_close(weighted_sum(w, zs), naive)
+    assert torch.autograd.gradcheck(lambda w, *z: weighted_sum(w, list(z)), (w, *zs))
+    # channels_last inputs take the dot-product path without copies and agree too.
+    zc = [z.detach().to(memory_format=torch.channels_last).requires_grad_() for z in zs]
+    assert torch.autograd.gradcheck(lambda w, *z: weighted_sum(w, list(z)), (w, *zc))

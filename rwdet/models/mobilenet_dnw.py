@@ -28,6 +28,7 @@ masked pointwise matrix per graph and run one block at a time.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -189,6 +190,8 @@ class MobileNetV1DNW(nn.Module):
         small: DNW-Small — the FC is also limited to MobileNetV1 x d's FC edges.
         seed: the random graphs of ``wiring="rg"``.
         stem: "imagenet" (g_phi stride 2, output stride 32) or "small" (stride 1, CIFAR).
+        node_multiplier: scales every node count (1.0 = the paper's MobileNetV1 x1 counts;
+            smaller values give quick test models with the same structure).
     """
 
     def __init__(
@@ -200,8 +203,11 @@ class MobileNetV1DNW(nn.Module):
         num_classes: int = 1000,
         in_channels: int = 3,
         stem: str = "imagenet",
+        node_multiplier: float = 1.0,
     ):
         super().__init__()
+        if not isinstance(node_multiplier, (int, float)) or not 0.0 < node_multiplier <= 4.0:
+            raise ValueError(f"node_multiplier={node_multiplier!r} must be in (0, 4]")
         if not isinstance(width, (int, float)) or not 0.0 < width <= 1.0:
             raise ValueError(f"width={width!r} must be a multiplier in (0, 1]")
         if wiring not in ("dnw", "rg"):
@@ -211,19 +217,24 @@ class MobileNetV1DNW(nn.Module):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not known; use 'imagenet' or 'small'")
         s1 = 2 if stem == "imagenet" else 1
-        self.stem = nn.Conv2d(in_channels, 32, 3, stride=s1, padding=1, bias=False)
+
+        def nodes(c: int) -> int:
+            return max(1, round(c * node_multiplier))
+
+        plan = [(n, nodes(ci), nodes(co), L, s) for n, ci, co, L, s in MOBILENET_GRAPHS]
+        self.stem = nn.Conv2d(in_channels, plan[0][1], 3, stride=s1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.stem.weight, mode="fan_out", nonlinearity="relu")
-        self.stage_names = [name for name, *_ in MOBILENET_GRAPHS]
+        self.stage_names = [name for name, *_ in plan]
         self.stage_channels, self.stage_strides = {}, {}
         stride = s1
-        for i, (name, c_in, c_out, layers, s) in enumerate(MOBILENET_GRAPHS):
+        for i, (name, c_in, c_out, layers, s) in enumerate(plan):
             budget = mobilenet_budget(c_in, c_out, layers, width)
             blocks = [c_in] + [c_out] * layers
             graph = NeuralGraph(blocks, budget, s, wiring, seed=seed * 1000 + i)
             setattr(self, name, graph)
             stride *= s
             self.stage_channels[name], self.stage_strides[name] = c_out, stride
-        last = MOBILENET_GRAPHS[-1][2]
+        last = plan[-1][2]
         self.head = nn.Sequential(
             nn.BatchNorm2d(last), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1)
         )
@@ -234,12 +245,17 @@ class MobileNetV1DNW(nn.Module):
     @torch.no_grad()
     def sparse_liveness(self) -> dict[str, torch.Tensor]:
         """Used output channels of each graph and of the stem, chained back from the FC
-        (for ``rwdet.sparse_complexity`` and ``rwdet.nn.export``)."""
+        (for ``rwdet.sparse_complexity`` and ``rwdet.nn.export``).
+
+        A last-graph output node with no real in-edge is 0, so its head path BN -> ReLU ->
+        pool is a constant that folds into the FC bias (in eval mode): it is not "used"."""
         if isinstance(self.fc, DNWLinear):
             needed = self.fc.kept_mask().any(0)
         else:
-            needed = torch.ones(self.fc.in_features, dtype=torch.bool)
-        out = {}
+            needed = torch.ones(self.fc.in_features, dtype=torch.bool, device=self.fc.weight.device)
+        last = getattr(self, self.stage_names[-1])
+        needed = needed & last.kept_mask()[last.block_slices()[1][-1]].any(1)
+        out = {"head.0": needed, "fc": needed}  # only the used outputs reach the head
         for name in reversed(self.stage_names):
             graph = getattr(self, name)
             out[name] = needed
@@ -247,6 +263,59 @@ class MobileNetV1DNW(nn.Module):
             needed = src_live[: graph.blocks[0]]
         out["stem"] = needed
         return out
+
+    @torch.no_grad()
+    def export_pruned(self) -> MobileNetV1DNW:
+        """A copy for inference: each graph frozen (``wiring="fixed"``) with its dead nodes
+        removed — their channels cut from the depthwise convs, the BNs, the pointwise matrix,
+        the stem and the FC — as the authors' "fast eval" does. Same outputs in eval mode (up to
+        float summation order). ``rwdet.nn.export.export_subnetwork`` calls this."""
+        new = copy.deepcopy(self)
+        needed = self.sparse_liveness()
+
+        def keep(flags: torch.Tensor) -> torch.Tensor:
+            idx = flags.nonzero().flatten()
+            return idx if idx.numel() else idx.new_zeros(1)  # never empty
+
+        prev = keep(needed["stem"])
+        new.stem = _slice_conv(self.stem, prev)
+        for name in self.stage_names:
+            g = getattr(self, name)
+            mask = g.kept_mask()
+            src_live, _ = g.live_nodes(needed[name], mask)
+            cols, rows = g.block_slices()
+            keeps = [keep(src_live[cols[j]]) for j in range(len(g.blocks) - 1)]
+            keeps.append(keep(needed[name]))
+            assert torch.equal(keeps[0], prev), "graph chain liveness is inconsistent"
+            src = torch.cat([cols[j].start + keeps[j] for j in range(len(keeps) - 1)])
+            dst = torch.cat([rows[j].start + keeps[j] for j in range(1, len(keeps))])
+            sub_mask = mask[dst][:, src]
+            blocks = [len(k) for k in keeps]
+            graph = NeuralGraph(
+                blocks, max(1, int(sub_mask.sum())), g.stride, "fixed", mask=sub_mask
+            )
+            graph.weight.copy_(g.effective_weight()[dst][:, src])
+            for j, (op, old) in enumerate(zip(graph.ops, g.ops)):
+                _copy_bn(op[0], old[0], keeps[j])
+                op[2].weight.copy_(old[2].weight[keeps[j]])
+            setattr(new, name, graph)
+            new.stage_channels[name] = blocks[-1]
+            prev = keeps[-1]
+        new.head[0] = nn.BatchNorm2d(len(prev))
+        _copy_bn(new.head[0], self.head[0], prev)
+        weight = self.fc.masked_weight() if isinstance(self.fc, DNWLinear) else self.fc.weight
+        new.fc = nn.Linear(len(prev), self.fc.out_features)
+        new.fc.weight.copy_(weight[:, prev])
+        # Dropped outputs are constant zeros: fold BN(0) -> ReLU (the pooled value) into the bias.
+        bn = self.head[0]
+        constant = torch.relu(
+            bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+        )
+        dropped = torch.ones_like(constant, dtype=torch.bool)
+        dropped[prev] = False
+        new.fc.bias.copy_(self.fc.bias + weight[:, dropped] @ constant[dropped])
+        new.feature_channels = len(prev)
+        return new
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.stem(x)
@@ -261,6 +330,21 @@ class MobileNetV1DNW(nn.Module):
         for name in self.stage_names:
             x = getattr(self, name)(x)
         return self.fc(self.head(x))
+
+
+def _slice_conv(conv: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:
+    new = nn.Conv2d(
+        conv.in_channels, len(rows), conv.kernel_size, conv.stride, conv.padding, bias=False
+    )
+    new.weight.data.copy_(conv.weight.data[rows])
+    return new
+
+
+def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d, idx: torch.Tensor) -> None:
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        getattr(dst, key).data.copy_(getattr(src, key).data[idx])
+    dst.num_batches_tracked.copy_(src.num_batches_tracked)
+    dst.eps, dst.momentum = src.eps, src.momentum
 
 
 def _register(name: str, **fixed):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import Bottleneck, ResNet
 
 from rwdet.models.registry import register_model
 from rwdet.nn.choose import kept_count
@@ -52,8 +51,12 @@ def _swap(model: nn.Module, make) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-class SparseResNet(ResNet):
+class SparseResNet(nn.Module):
     """torchvision ResNet whose convs and FC are DNW or edge-popup layers.
+
+    It adopts the modules of a torchvision ``ResNet`` (so state_dict keys are torchvision's)
+    rather than subclassing it: torchvision is imported only when a ResNet is built, which
+    keeps ``import rwdet.models`` light.
 
     Args:
         mode: "dnw" (sparse training) or "popup" (subnetwork of a random network).
@@ -76,7 +79,13 @@ class SparseResNet(ResNet):
         in_channels: int = 3,
         stem: str = "imagenet",
     ):
-        super().__init__(Bottleneck, layers, num_classes=num_classes, width_per_group=width_per_group)
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck, ResNet
+
+        body = ResNet(Bottleneck, layers, num_classes=num_classes, width_per_group=width_per_group)
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(body, name))
+        self.avgpool, self.fc = body.avgpool, body.fc
         if mode not in ("dnw", "popup"):
             raise ValueError(f"mode={mode!r} is not known; use 'dnw' or 'popup'")
         if stem not in ("imagenet", "small"):
@@ -117,7 +126,10 @@ class SparseResNet(ResNet):
         self.stage_names = ["conv1", "conv2", "conv3", "conv4", "conv5"]
         expansion = Bottleneck.expansion
         self.stage_channels = dict(
-            zip(self.stage_names, [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion])
+            zip(
+                self.stage_names,
+                [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion],
+            )
         )
         self.stage_strides = dict(zip(self.stage_names, [s, 2 * s, 4 * s, 8 * s, 16 * s]))
         self.feature_channels = self.stage_channels["conv5"]
@@ -129,6 +141,11 @@ class SparseResNet(ResNet):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return {"conv1": c1, "conv2": c2, "conv3": c3, "conv4": c4, "conv5": c5}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.maxpool(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 @register_model("resnet50_dnw")

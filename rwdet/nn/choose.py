@@ -104,17 +104,26 @@ def dnw_weight(w: torch.Tensor, count: int, allowed: torch.Tensor | None = None)
 
 
 class _PopupStraightThrough(torch.autograd.Function):
-    """forward: the top-``count`` mask of its input; backward: identity (straight through)."""
+    """forward: the top-``count`` mask of its input (per group, if groups are given);
+    backward: identity (straight through)."""
 
     @staticmethod
-    def forward(ctx, magnitude, count):
-        return topk_mask(magnitude, count)
+    def forward(ctx, magnitude, count, groups):
+        if groups is None:
+            return topk_mask(magnitude, count)
+        mask = torch.zeros_like(magnitude)
+        for index, n_kept in groups:
+            mask[index] = topk_mask(magnitude[index], n_kept)
+        return mask
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
-def popup_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """edge-popup's subnetwork mask from ``|scores|``, with a straight-through gradient."""
-    return _PopupStraightThrough.apply(scores.abs(), count)
+def popup_mask(scores: torch.Tensor, count: int, groups=None) -> torch.Tensor:
+    """edge-popup's subnetwork mask from ``|scores|``, with a straight-through gradient.
+
+    ``groups``: optional ``[(indices, count), ...]`` partitioning a flat ``scores`` into
+    layers that each keep their own top ``count`` (then ``count`` is ignored)."""
+    return _PopupStraightThrough.apply(scores.abs(), count, groups)

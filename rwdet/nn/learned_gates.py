@@ -11,7 +11,9 @@ else about the stage changes. Importing this module registers the wiring modes `
     (DDP needs no ``find_unused_parameters``). Budget: ``k`` = the edge count of the generator's
     graph passed to ``make_gates`` (N*K/2 for WS), so a DNW stage has as many real edges as the
     random stage it replaces. A gate is the signed weight ``w_uv`` itself (no sigmoid) — the
-    paper's ``I_v = sum w_uv Z_u`` — initialised uniformly in [-1, 1] (Algorithm 1, line 2).
+    paper's ``I_v = sum w_uv Z_u`` — initialised uniformly in [-1, 1] (Algorithm 1, line 2),
+    or, with ``wiring_options={"init": "generator"}``, so that the first real edges are exactly
+    the generator's graph (training starts from the RandWire wiring).
     A node whose real in-edges are all gone aggregates zeros; one with no real path to the
     output is dead (``rwdet.sparse_complexity`` skips it; ``rwdet.nn.export`` removes it).
 
@@ -23,12 +25,18 @@ else about the stage changes. Importing this module registers the wiring modes `
     The fixed edge weights follow the conv layers' ``init`` with the aggregation seen as a
     linear layer of fan-in ``in-degree(v)`` and gain 1 (no ReLU between the sum and its
     inputs): kaiming normal ``N(0, 1/indeg)`` or signed constant ``+-1/sqrt(indeg)``, divided
-    by ``sqrt(k)`` when ``scale``. The stage's edges form one layer: ``round(k*|E|)`` are kept.
+    by ``sqrt(k)`` when ``scale``.
+    What is a "layer" here: the in-edges of one node. ``I_v = sum_u w_uv Z_u`` is a linear layer
+    of fan-in ``indeg(v)``, so each node keeps ``kept_count(k, indeg(v))`` (>= 1) of its in-edges,
+    chosen by ``|score|`` with the same rule as every conv. Ranking a whole stage's ~2N edges as
+    one layer would cut most nodes off at k = 0.3 (mean in-degree 2 under WS(4, p)) and often
+    leave every sink without input: a network with constant output and no gradient at all.
+    A node with no kept in-edge would output a constant (non-affine BN of zeros is 0) and pass
+    no gradient (ReLU'(0) = 0), so it could never recover; per-node layers rule that out.
 """
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -46,6 +54,8 @@ from rwdet.nn.sparse_layers import (
 )
 from rwdet.nn.wiring import Wiring, register_wiring
 
+DNW_INITS = ("uniform", "generator")
+
 
 def complete_dag_edges(n: int) -> list[tuple[int, int]]:
     return [(u, v) for u in range(n) for v in range(u + 1, n)]
@@ -54,7 +64,12 @@ def complete_dag_edges(n: int) -> list[tuple[int, int]]:
 class DNWGates(EdgeGates):
     """DNW on a node-level stage: the ``budget`` largest-``|w|`` edges of the complete DAG."""
 
-    def __init__(self, spec: GraphSpec, budget: int | None = None):
+    def __init__(self, spec: GraphSpec, budget: int | None = None, init: str = "uniform"):
+        """init: "uniform" (Algorithm 1: |w| ~ U(0, 1), random sign, so the first real edges
+        are a random k-subset) or "generator" (the generator graph's edges get |w| in
+        [0.5, 1), the others [0, 0.5): training starts from the RandWire graph itself)."""
+        if init not in DNW_INITS:
+            raise ValueError(f"init={init!r} is not known for DNW gates; use one of {DNW_INITS}")
         super().__init__(complete_dag_edges(spec.n))
         budget = len(spec.edges) if budget is None else budget
         if not 1 <= budget <= len(self.edges):
@@ -63,8 +78,13 @@ class DNWGates(EdgeGates):
                 f"in [1, {len(self.edges)}] (the budget is the generator graph's edge count: "
                 f"use a generator setting that yields at least one edge)"
             )
-        self.budget = int(budget)
-        self.weight = nn.Parameter(torch.empty(len(self.edges)).uniform_(-1.0, 1.0))
+        self.budget, self.init = int(budget), init
+        magnitude = torch.rand(len(self.edges))
+        if init == "generator":
+            in_graph = torch.tensor([e in set(spec.edges) for e in self.edges])
+            magnitude = torch.where(in_graph, 0.5 + magnitude / 2, magnitude / 2)
+        sign = torch.where(torch.rand(len(self.edges)) < 0.5, -1.0, 1.0)
+        self.weight = nn.Parameter(magnitude * sign)
 
     def kept_mask(self) -> torch.Tensor:
         return topk_mask(self.weight.abs(), self.budget).bool()
@@ -80,7 +100,8 @@ class DNWGates(EdgeGates):
 
 
 class PopupGates(EdgeGates):
-    """edge-popup on a stage's aggregation edges: fixed random weights, learned scores."""
+    """edge-popup on a stage's aggregation edges: fixed random weights, learned scores; each
+    node's in-edges are one layer (module docstring)."""
 
     def __init__(self, spec: GraphSpec, k: float = 0.3, init="signed_constant", scale=True):
         super().__init__(spec.edges)
@@ -88,20 +109,24 @@ class PopupGates(EdgeGates):
             raise ValueError("wiring='popup' needs a stage graph with at least one edge")
         _check_init(init)
         self.k, self.init, self.scale = float(k), init, bool(scale)
-        self.count = kept_count(k, len(self.edges))
-        indeg: dict[int, int] = {}
-        for _, v in self.edges:
-            indeg[v] = indeg.get(v, 0) + 1
-        std = torch.tensor([1.0 / math.sqrt(indeg[v] * (self.k if scale else 1.0)) for _, v in self.edges])
+        into: dict[int, list[int]] = {}
+        for e, (_, v) in enumerate(self.edges):
+            into.setdefault(v, []).append(e)
+        # One (edge indices, kept count) per node with parents: each is one popup "layer".
+        self.groups = [(ix, kept_count(k, len(ix))) for ix in into.values()]
+        self.count = sum(c for _, c in self.groups)
+        fan_in = torch.tensor([float(len(into[v])) for _, v in self.edges])
+        std = 1.0 / torch.sqrt(fan_in * (self.k if scale else 1.0))
         weight = init_fixed_(torch.empty(len(self.edges)), 1.0, init) * std
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scores = nn.Parameter(torch.empty(len(self.edges)).uniform_(-1.0, 1.0))
 
     def kept_mask(self) -> torch.Tensor:
-        return topk_mask(self.scores.abs(), self.count).bool()
+        with torch.no_grad():
+            return popup_mask(self.scores, 0, self.groups).bool()
 
     def forward(self) -> torch.Tensor:
-        return self.weight * popup_mask(self.scores, self.count)
+        return self.weight * popup_mask(self.scores, 0, self.groups)
 
     def active_edges(self) -> list[tuple[int, int]]:
         return [e for e, keep in zip(self.edges, self.kept_mask().tolist()) if keep]
@@ -117,11 +142,17 @@ class FixedGates(EdgeGates):
         super().__init__(edges)
         values = torch.as_tensor(values).detach().clone().float()
         if values.shape != (len(self.edges),):
-            raise ValueError(f"need one gate value per edge ({len(self.edges)}), got {values.shape}")
+            raise ValueError(
+                f"need one gate value per edge ({len(self.edges)}), got {values.shape}"
+            )
         self.register_buffer("values", values)
 
     def forward(self) -> torch.Tensor:
         return self.values
+
+    def active_edges(self) -> list[tuple[int, int]]:
+        """Zero-valued edges carry nothing (export adds them only to keep shapes exact)."""
+        return [e for e, w in zip(self.edges, self.values.tolist()) if w != 0.0]
 
 
 def _no_edge_drop(mode: str, edge_drop: float) -> None:
@@ -133,12 +164,16 @@ def _no_edge_drop(mode: str, edge_drop: float) -> None:
 
 
 @register_wiring("dnw")
-def dnw_wiring() -> Wiring:
+def dnw_wiring(init: str = "uniform") -> Wiring:
+    """DNW on node-level stages; ``init`` picks the first real edges (``DNWGates``)."""
+    if init not in DNW_INITS:
+        raise ValueError(f"init={init!r} is not known for wiring='dnw'; use one of {DNW_INITS}")
+
     def make_gates(spec: GraphSpec, edge_drop: float) -> DNWGates:
         _no_edge_drop("dnw", edge_drop)
-        return DNWGates(spec)
+        return DNWGates(spec, init=init)
 
-    return Wiring("dnw", make_gates)
+    return Wiring("dnw", make_gates, options={"init": init})
 
 
 @register_wiring("popup")

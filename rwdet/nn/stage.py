@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec
+from rwdet.nn.aggregate import weighted_sum
 from rwdet.nn.gates import EdgeGates, StaticGates
 from rwdet.nn.node_ops import build_node_op
 from rwdet.nn.recompute import checkpointed, wants_recompute
@@ -85,14 +86,14 @@ class GraphStage(nn.Module):
         ins = self.in_edges[v]
         if not ins:
             return x
-        unit = self.gates.unit_edges
-        agg = None
-        for e, u in ins:
-            if e in self.removed_edges:
-                continue
-            term = outs[u] if e in unit else outs[u] * gates[e]
-            agg = term if agg is None else agg + term
-        return agg if agg is not None else torch.zeros_like(outs[ins[0][1]])
+        if self.removed_edges:
+            ins = [(e, u) for e, u in ins if e not in self.removed_edges]
+            if not ins:
+                return torch.zeros_like(outs[self.in_edges[v][0][1]])
+        if len(ins) == 1 and ins[0][0] in self.gates.unit_edges:
+            return outs[ins[0][1]]
+        index = torch.tensor([e for e, _ in ins], device=gates.device)
+        return weighted_sum(gates.index_select(0, index), [outs[u] for _, u in ins])
 
     def run_node(self, v: int, x: torch.Tensor, gates: torch.Tensor, *parents: torch.Tensor):
         outs = dict(zip((u for _, u in self.in_edges[v]), parents))

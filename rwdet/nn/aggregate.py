@@ -1,0 +1,48 @@
+"""The aggregation ``I_v = sum_i g_i * Z_i`` as one autograd op.
+
+Written with ``*`` and ``+`` it costs, per parent, a temporary product in forward and a
+multiply plus a full reduction in backward, and autograd keeps the products' graph. Here the
+forward accumulates in place into one output (``add_(Z, alpha=g)``), and backward gives
+``dL/dZ_i = g_i * dL/dI`` and ``dL/dg_i = <Z_i, dL/dI>`` as a single dot product. Only the
+parents' outputs (alive anyway, they are the graph's node outputs) are saved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over all elements without a temporary when both share a dense layout."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    cl = torch.channels_last
+    if a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
+        return torch.dot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
+    return (a * b).sum()
+
+
+class WeightedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        # 0-d weight tensors (not Python floats): no host-device sync per node on a GPU.
+        w = weights.detach().to(inputs[0].dtype).unbind()
+        out = inputs[0] * w[0]
+        for z, wi in zip(inputs[1:], w[1:]):
+            out.addcmul_(z, wi)
+        ctx.save_for_backward(weights, *inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, *inputs = ctx.saved_tensors
+        w = weights.detach().to(grad.dtype).unbind()
+        grad_inputs = [grad * wi if ctx.needs_input_grad[i + 1] else None for i, wi in enumerate(w)]
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.stack([_dot(grad, z).to(weights.dtype) for z in inputs])
+        return (grad_w, *grad_inputs)
+
+
+def weighted_sum(weights: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    return WeightedSum.apply(weights, *inputs)

@@ -92,3 +92,13 @@ def test_analyze_graph_cli_writes_pngs(tmp_path):
     pngs = sorted(p.name for p in tmp_path.iterdir())
     assert pngs == ["conv3.png", "conv4.png", "conv5.png"]
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_dnw_table3_random_graph_row_matches_paper():
+    """MobileNetV1-RG x0.225 (DNW Table 3): 55.7 M FLOPs, 1.2 M params."""
+    from rwdet.analysis.tables import zoo_markdown, zoo_rows
+
+    rows = zoo_rows(["mobilenetv1_rg_x0225"])
+    assert abs(rows[0]["flops_kept"] / 1e6 - 55.7) / 55.7 < 0.02
+    assert abs(rows[0]["params_kept"] / 1e6 - 1.2) / 1.2 < 0.05
+    assert "mobilenetv1_rg_x0225" in zoo_markdown(rows)

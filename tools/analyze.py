@@ -17,13 +17,29 @@ from rwdet.models.args import add_model_args, model_kwargs_from_args  # noqa: E4
 
 
 def cmd_complexity(args):
-    from rwdet.analysis.tables import randwire_tables, to_markdown
+    from rwdet.analysis.tables import (
+        dnw_table3,
+        randwire_tables,
+        to_markdown,
+        zoo_markdown,
+        zoo_rows,
+    )
     from rwdet.complexity import complexity
     from rwdet.models import build_model
 
     if args.table:
         tables = randwire_tables()
-        print(json.dumps(tables, indent=1) if args.json else to_markdown(tables))
+        dnw = dnw_table3()
+        if args.json:
+            print(json.dumps({"randwire": tables, "dnw_table3": dnw}, indent=1))
+        else:
+            print(
+                to_markdown(tables) + "\n\nDNW Table 3 (at initialisation)\n\n" + zoo_markdown(dnw)
+            )
+        return
+    if args.zoo:
+        rows = zoo_rows(input_size=args.input_size)
+        print(json.dumps(rows, indent=1) if args.json else zoo_markdown(rows))
         return
     if args.model_name is None:
         sys.exit("complexity: name a model (e.g. randwire_small) or pass --table")
@@ -82,7 +98,10 @@ def main(argv=None):
     add_model_args(p)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--table", action="store_true", help="RandWire Tables 2-4 over seeds 1-5")
+    p.add_argument(
+        "--table", action="store_true", help="RandWire Tables 2-4 (seeds 1-5), DNW Table 3"
+    )
+    p.add_argument("--zoo", action="store_true", help="every registered model: dense/kept size")
     p.set_defaults(func=cmd_complexity)
     p = sub.add_parser("graph", help="PNG plots of every stage graph (Figure 4 style)")
     p.add_argument("model_name", help="registered model name or an rwdet checkpoint path")

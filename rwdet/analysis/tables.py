@@ -59,3 +59,44 @@ def to_markdown(tables: list[dict]) -> str:
                 f"{p['params_m']:.1f}±{p['params_m_std']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def zoo_rows(names=None, input_size: int = 224) -> list[dict]:
+    """Dense and kept params/FLOPs of registered models (sparse models at initialisation)."""
+    import torch
+
+    from rwdet.models import list_models
+    from rwdet.sparse_complexity import sparse_complexity
+
+    rows = []
+    for name in names or list_models():
+        torch.manual_seed(0)
+        c = sparse_complexity(build_model(name), input_size=input_size)
+        rows.append({"model": name, **{k: c[k] for k in ("params_dense", "params_kept")}})
+        rows[-1].update({"flops_dense": c["flops_dense"], "flops_kept": c["flops"]})
+    return rows
+
+
+def dnw_table3() -> list[dict]:
+    from rwdet.analysis.paper import DNW_TABLE3
+
+    rows = zoo_rows(list(DNW_TABLE3))
+    for r in rows:
+        r["paper_params_m"], r["paper_flops_m"] = DNW_TABLE3[r["model"]]
+    return rows
+
+
+def zoo_markdown(rows: list[dict]) -> str:
+    paper = "paper_params_m" in rows[0]
+    head = "| model | params dense (M) | params kept (M) | FLOPs dense (M) | FLOPs kept (M) |"
+    lines = [head + (" paper params (M) | paper FLOPs (M) |" if paper else "")]
+    lines.append("|---" * (7 if paper else 5) + "|")
+    for r in rows:
+        line = (
+            f"| {r['model']} | {r['params_dense'] / 1e6:.3f} | {r['params_kept'] / 1e6:.3f} | "
+            f"{r['flops_dense'] / 1e6:.1f} | {r['flops_kept'] / 1e6:.1f} |"
+        )
+        if paper:
+            line += f" {r['paper_params_m']} | {r['paper_flops_m']} |"
+        lines.append(line)
+    return "\n".join(lines)

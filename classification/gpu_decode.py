@@ -1,0 +1,99 @@
+"""Decode JPEGs on the GPU (``torchvision.io.decode_jpeg(device="cuda")``) for machines whose
+few CPU cores cannot keep up with PIL decoding.
+
+Workers only read file bytes; the batch is decoded, cropped, flipped and normalised on the
+device. Augmentation uses the same per-sample seeds as the CPU path
+(``classification.sampler``), so resume stays exact. Files that do not decode are dropped and
+counted, like ``BadSample`` on the CPU path. Works with ``device="cpu"`` too (that is how the
+tests exercise it without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torchvision.io import ImageReadMode
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
+
+from classification.data import IMAGENET_MEAN, IMAGENET_STD, BadSample, _split_item
+
+
+class EncodedImageDataset(torch.utils.data.Dataset):
+    """``(file bytes, target, seed)``; decoding is left to ``GpuDecoder``.
+
+    Plain ``bytes`` (not tensors) cross the worker boundary: hundreds of small shared-memory
+    tensors per batch exhaust file descriptors in the DataLoader's sharing strategy.
+    """
+
+    def __init__(self, samples, classes):
+        self.samples, self.classes = samples, classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        index, seed = _split_item(item)
+        path, target = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return BadSample(path, f"{type(e).__name__}: {e}")
+        return data, target, index if seed is None else seed
+
+
+def collate_encoded(batch):
+    bad = [b for b in batch if isinstance(b, BadSample)]
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    return {
+        "data": [torch.frombuffer(bytearray(b[0]), dtype=torch.uint8) for b in good],
+        "target": torch.tensor([b[1] for b in good], dtype=torch.long),
+        "seed": [int(b[2]) for b in good],
+        "bad": bad,
+    }
+
+
+class GpuDecoder:
+    """Batch -> normalised float images on ``device``: RandomResizedCrop + flip, or resize +
+    center crop for evaluation (the CPU path's recipe)."""
+
+    def __init__(self, size: int, train: bool, device, test_resize: int | None = None):
+        self.size, self.train, self.device = size, train, torch.device(device)
+        self.resize = test_resize or round(size / 0.875)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(3, 1, 1)
+
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        dev = "cuda" if self.device.type == "cuda" else "cpu"
+        try:
+            return list(torchvision.io.decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev))
+        except RuntimeError:  # one bad or non-JPEG file fails the whole batch: go one by one
+            out = []
+            for d in datas:
+                try:
+                    img = torchvision.io.decode_image(d, mode=ImageReadMode.RGB)
+                    out.append(img.to(self.device, non_blocking=True))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def _augment(self, img: torch.Tensor, seed: int) -> torch.Tensor:
+        if not self.train:
+            return F.center_crop(F.resize(img, self.resize, antialias=True), self.size)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))
+            top, left, h, w = T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+            flip = bool(torch.rand(()) < 0.5)
+        img = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        return F.horizontal_flip(img) if flip else img
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(images, targets, number of files that failed to decode)``."""
+        decoded = self._decode(batch["data"])
+        keep = [i for i, img in enumerate(decoded) if img is not None]
+        images = torch.stack([self._augment(decoded[i], batch["seed"][i]) for i in keep])
+        images = (images.float().div_(255) - self.mean) / self.std
+        targets = batch["target"][keep].to(self.device, non_blocking=True)
+        return images, targets, len(decoded) - len(keep) + len(batch["bad"])

@@ -1,0 +1,49 @@
+"""The GPU JPEG-decoding data path, exercised on the CPU (and on CUDA when present)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from classification.data import scan_split
+from classification.gpu_decode import EncodedImageDataset, GpuDecoder, collate_encoded
+
+
+def make_folder(root):
+    for c, color in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40 + 8 * i, 36), color).save(root / c / f"{i}.jpg", quality=90)
+    Image.new("RGB", (30, 30), (0, 255, 0)).save(root / "a" / "png.png")
+    (root / "b" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    return root
+
+
+def run(tmp_path, device, train):
+    samples, classes = scan_split(str(make_folder(tmp_path / "train")))
+    ds = EncodedImageDataset(samples, classes)
+    batch = collate_encoded([ds[(i, 100 + i)] for i in range(len(ds))])
+    return GpuDecoder(32, train=train, device=device)(batch), samples
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_decodes_augments_and_skips_corrupt_files(tmp_path, train):
+    (images, targets, bad), samples = run(tmp_path, "cpu", train)
+    assert bad == 1 and images.shape == (len(samples) - 1, 3, 32, 32)
+    assert targets.tolist() == [t for p, t in samples if "corrupt" not in p]
+    # Normalised with the ImageNet statistics: a red image has a high red channel.
+    assert images[0, 0].mean() > 1.0 and images[0, 2].mean() < -1.0
+
+
+def test_same_seed_same_crop(tmp_path):
+    samples, classes = scan_split(str(make_folder(tmp_path / "train")))
+    ds = EncodedImageDataset(samples, classes)
+    dec = GpuDecoder(16, train=True, device="cpu")
+    a = dec(collate_encoded([ds[(1, 7)], ds[(2, 8)]]))[0]
+    b = dec(collate_encoded([ds[(1, 7)], ds[(2, 8)]]))[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_decode_matches_shape(tmp_path):
+    (images, targets, bad), _ = run(tmp_path, "cuda", True)
+    assert images.is_cuda and targets.is_cuda and bad == 1

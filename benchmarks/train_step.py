@@ -29,6 +29,7 @@ BASELINE = "resnet50"
 DEFAULT_MODELS = [
     "resnet50",
     "randwire_c109",
+    "randwire_c109+recompute",
     "randwire_small",
     "mobilenet_v2",
     "randwire_c154",
@@ -39,17 +40,20 @@ DEFAULT_MODELS = [
 
 
 def build(spec: str, overrides: dict):
-    """``name`` or ``name:wiring``; torchvision names (resnet50, mobilenet_v2) are baselines."""
+    """``name[:wiring][+recompute]``; torchvision names (resnet50, mobilenet_v2) are baselines."""
     import torchvision
 
     from rwdet.models import build_model, list_models
 
+    spec, plus, _ = spec.partition("+recompute")
     name, _, wiring = spec.partition(":")
     if name in ("resnet50", "mobilenet_v2"):
         return getattr(torchvision.models, name)()
     if name not in list_models():
         return None
     kwargs = dict(overrides)
+    if plus:
+        kwargs["recompute"] = True
     if wiring:
         kwargs["wiring"] = wiring
     return build_model(name, **kwargs)

@@ -88,6 +88,20 @@ def cmd_graph(args):
         )
 
 
+def cmd_damage(args):
+    from rwdet.analysis.damage_run import run_damage
+
+    study = run_damage(
+        args.weights, args.data, args.out, args.max_images, args.limit, tuple(args.kinds)
+    )
+    worst = sorted(study["results"], key=lambda r: r["delta"])[:5]
+    print(f"baseline top-1 {study['baseline_top1']:.2f}% on {study['images']} images")
+    for r in worst:
+        what = f"node {r['node']}" if r["kind"] == "node" else f"edge {tuple(r['edge'])}"
+        print(f"  {r['stage']:<8} {what:<14} delta {r['delta']:+.2f}")
+    print(f"{len(study['results'])} removals -> {args.out}/damage.json, {args.out}/damage.png")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -109,6 +123,14 @@ def main(argv=None):
     p.add_argument("--out", default="output/graphs", help="folder for the PNGs")
     p.add_argument("--json", action="store_true", help="statistics as JSON")
     p.set_defaults(func=cmd_graph)
+    p = sub.add_parser("damage", help="graph damage study (RandWire §4.1, Figure 5)")
+    p.add_argument("--weights", required=True, help="rwdet classification checkpoint")
+    p.add_argument("--data", default=None, help="ImageNet-layout root (default: the run's data)")
+    p.add_argument("--out", default="output/damage", help="folder for damage.json / .png")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N only")
+    p.add_argument("--limit", type=int, default=None, help="removals per stage (default all)")
+    p.add_argument("--kinds", nargs="+", default=["node", "edge"], choices=["node", "edge"])
+    p.set_defaults(func=cmd_damage)
     args = parser.parse_args(argv)
     args.func(args)
 

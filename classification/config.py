@@ -23,24 +23,30 @@ DEFAULTS: dict = {
     "output_dir": None,
     # "auto" (CUDA when available, else CPU), "cuda" or "cpu".
     "device": "auto",
+    # Intra-op CPU threads for torch (torch.set_num_threads); None: torch's default.
+    "threads": None,
     # Training seed: weight init, data order, augmentation, dropout, edge drop. Graphs use
     # model.seed, so the same wiring can be trained with several training seeds.
     "seed": 0,
     "model": {
         # A model registered in rwdet.models (rwdet.models.list_models()).
         "name": "randwire_small",
-        # RandWire stage-graph generator: "er", "ba", "ws" or "complete"; None: not passed.
-        "gen": "ws",
+        # RandWire stage-graph generator: "er", "ba", "ws" or "complete"; None: the model's own.
+        "gen": None,
         # Generator parameters (er: p; ba: m; ws: k, p); missing ones take the paper's defaults.
         "gen_params": {},
-        # Graph seed: stage i uses rwdet.graphs.stage_seed(seed, i); the paper uses 1..5.
-        "seed": 1,
-        # Wiring mode ("static" = RandWire; learned modes register themselves); None: not passed.
-        "wiring": "static",
+        # Graph seed: stage i uses rwdet.graphs.stage_seed(seed, i) (the paper uses 1..5);
+        # None: the model's own default. Every key left None here is not passed to the model.
+        "seed": None,
+        # Wiring mode ("static" = RandWire, or a learned mode); None: the model's own.
+        "wiring": None,
         # N, nodes per stage; None: the model's own default (32).
         "nodes": None,
-        # C, the base width; None: the model's own default (78, 109 or 154).
+        # C, the base width; None: the model's own default (78, 109 or 154), re-chosen to keep
+        # FLOPs for another node_op (RandWire Figure 6).
         "channels": None,
+        # Node operation: "sepconv" (paper default), "conv", "maxpool", "avgpool"; None: default.
+        "node_op": None,
         # Any other build_model keyword (dropout, edge_drop, stem, head_channels, ...).
         "kwargs": {},
     },
@@ -63,6 +69,9 @@ DEFAULTS: dict = {
         "pin_memory": True,
         # Train on a fixed, seeded random subset of this many images; None: all of them.
         "train_subset": None,
+        # Decode training JPEGs on the GPU (torchvision.io.decode_jpeg, device="cuda") instead of
+        # PIL in the workers: for GPU machines with few CPU cores. ImageNet layout only.
+        "gpu_decode": False,
     },
     "optim": {
         # SGD learning rate at optim.reference_batch; scaled linearly with the global batch.
@@ -84,9 +93,11 @@ DEFAULTS: dict = {
         # Training epochs.
         "epochs": 100,
         # Linear warmup length in epochs (may be fractional); 0: no warmup.
-        "warmup_epochs": 0.0,
-        # Warmup starts at this fraction of the (scaled) lr and rises linearly to 1.
-        "warmup_factor": 0.1,
+        "warmup_epochs": 5.0,
+        # Warmup starts at this fraction of the (scaled) lr and rises linearly to 1. None: Goyal
+        # et al.'s rule, start at the reference-batch lr (factor reference_batch / global batch,
+        # capped at 1: no warmup at or below the reference batch).
+        "warmup_factor": None,
     },
     "train": {
         # Global batch size (summed over all processes); must divide by the process count.
@@ -109,6 +120,9 @@ DEFAULTS: dict = {
         "checkpoint_period": 0,
         # Evaluate every this many epochs (the last epoch is always evaluated).
         "eval_period": 1,
+        # Before each evaluation, recompute BatchNorm statistics on this many training images
+        # (precise BN; useful for short runs whose running averages lag). 0: off.
+        "precise_bn": 0,
         # Log params and FLOPs (fvcore) at the start.
         "complexity": True,
         # true: resume from <output_dir>/last.pth when it exists; false: start afresh; or a path.
@@ -130,8 +144,12 @@ DEFAULTS: dict = {
 # `python tools/train_cls.py --gen ws` trains on 2 CPU cores in a few minutes.
 # configs/cls/fashion_mnist.yaml holds the same values (a test keeps them equal).
 FASHION_MNIST_PROFILE: dict = {
+    "threads": 1,
     "model": {
         "name": "randwire_small",
+        "gen": "ws",
+        "seed": 1,
+        "wiring": "static",
         "channels": 16,
         "nodes": 8,
         "kwargs": {"stem": "small", "head_channels": 256},
@@ -145,7 +163,13 @@ FASHION_MNIST_PROFILE: dict = {
     },
     "optim": {"lr": 0.2, "reference_batch": 256, "weight_decay": 5e-5, "label_smoothing": 0.1},
     "schedule": {"epochs": 2, "warmup_epochs": 0.2, "warmup_factor": 0.1},
-    "train": {"batch_size": 128, "log_period": 50, "checkpoint_period": 200},
+    "train": {
+        "batch_size": 128,
+        "channels_last": True,
+        "log_period": 50,
+        "checkpoint_period": 200,
+        "precise_bn": 4096,
+    },
     "eval": {"batch_size": 500},
 }
 
@@ -224,7 +248,7 @@ def resolve(
     config_file: str | None = None, flags: dict | None = None, overrides: list | None = None
 ) -> dict:
     """The full config: defaults, profile, recipe, flags (a partial config dict), overrides."""
-    flags = flags or {}
+    flags = copy.deepcopy(flags or {})
     recipe = load_yaml(config_file) if config_file else {}
     cfg = copy.deepcopy(DEFAULTS)
     data_root = (flags.get("data") or {}).get("root", (recipe.get("data") or {}).get("root"))

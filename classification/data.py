@@ -9,7 +9,6 @@ loads it, or on whether the run was resumed mid-epoch: that is what makes resume
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import random
 import struct
@@ -20,8 +19,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
-
-logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
@@ -210,30 +207,41 @@ def load_fashion_mnist(directory: str, split: str) -> tuple[torch.Tensor, torch.
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
-    """In-memory uint8 grayscale images: pad-and-crop + flip for training, as for CIFAR."""
+    """In-memory grayscale images: pad-and-crop + flip for training, as for CIFAR.
+
+    Images are normalised (and padded) once up front; an item is then a crop of a float tensor,
+    with its offsets and flip drawn from a generator seeded by the item's sample seed.
+    """
 
     def __init__(self, images, labels, classes, size: int, train: bool, pad: int = 2):
-        self.images, self.labels, self.classes = images, labels, classes
-        self.size, self.train, self.pad = size, train, pad
+        x = images.unsqueeze(1).float().div_(255.0).sub_(FMNIST_MEAN).div_(FMNIST_STD)
+        if x.shape[-1] != size:
+            x = torch.cat(
+                [
+                    torch.nn.functional.interpolate(c, size=(size, size), mode="bilinear")
+                    for c in x.split(4096)
+                ]
+            )
+        self.pad = pad if train else 0
+        if self.pad:
+            # Padding with the normalised value of black, as padding the raw image with zeros.
+            x = torch.nn.functional.pad(x, [pad] * 4, value=-FMNIST_MEAN / FMNIST_STD)
+        self.x, self.labels, self.classes = x, labels, classes
+        self.size, self.train = size, train
 
     def __len__(self):
-        return len(self.images)
+        return len(self.x)
 
     def __getitem__(self, item):
         index, seed = _split_item(item)
-        x = self.images[index].unsqueeze(0).float().div_(255.0)
-        if x.shape[-1] != self.size:
-            x = torch.nn.functional.interpolate(
-                x[None], size=(self.size, self.size), mode="bilinear", align_corners=False
-            )[0]
-        if self.train:
-            with seeded(seed):
-                x = torch.nn.functional.pad(x, [self.pad] * 4)
-                i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-                x = x[:, i : i + self.size, j : j + self.size]
-                if torch.rand(()) < 0.5:
-                    x = x.flip(-1)
-        return x.sub_(FMNIST_MEAN).div_(FMNIST_STD), int(self.labels[index])
+        label = int(self.labels[index])
+        if not self.train:
+            return self.x[index].clone(), label
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        i, j = torch.randint(0, 2 * self.pad + 1, (2,), generator=g).tolist()
+        flip = bool(torch.randint(0, 2, (), generator=g))
+        x = self.x[index, :, i : i + self.size, j : j + self.size]
+        return (x.flip(-1) if flip else x.clone()), label
 
 
 # ---------------------------------------------------------------------------- building

@@ -7,14 +7,11 @@ NCCL is used on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -40,17 +40,17 @@ class EncodedImageDataset(torch.utils.data.Dataset):
                 data = f.read()
         except OSError as e:
             return BadSample(path, f"{type(e).__name__}: {e}")
-        return data, target, index if seed is None else seed
+        return data, target, index if seed is None else seed, path
 
 
 def collate_encoded(batch):
-    bad = [b for b in batch if isinstance(b, BadSample)]
     good = [b for b in batch if not isinstance(b, BadSample)]
     return {
         "data": [torch.frombuffer(bytearray(b[0]), dtype=torch.uint8) for b in good],
         "target": torch.tensor([b[1] for b in good], dtype=torch.long),
         "seed": [int(b[2]) for b in good],
-        "bad": bad,
+        "path": [b[3] for b in good],
+        "bad": [(b.path, b.reason) for b in batch if isinstance(b, BadSample)],
     }
 
 
@@ -89,11 +89,30 @@ class GpuDecoder:
         img = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
         return F.horizontal_flip(img) if flip else img
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(images, targets, number of files that failed to decode)``."""
-        decoded = self._decode(batch["data"])
+    def __call__(self, batch: dict):
+        """``(images or None, targets or None, [(path, reason) of files that failed])``, the
+        triple the CPU path's ``collate_skip_bad`` gives the trainer."""
+        decoded = self._decode(batch["data"]) if batch["data"] else []
         keep = [i for i, img in enumerate(decoded) if img is not None]
+        bad = list(batch["bad"])
+        bad += [(batch["path"][i], "decode failed") for i, img in enumerate(decoded) if img is None]
+        if not keep:
+            return None, None, bad
         images = torch.stack([self._augment(decoded[i], batch["seed"][i]) for i in keep])
         images = (images.float().div_(255) - self.mean) / self.std
         targets = batch["target"][keep].to(self.device, non_blocking=True)
-        return images, targets, len(decoded) - len(keep) + len(batch["bad"])
+        return images, targets, bad
+
+
+class DecodingLoader:
+    """A DataLoader of encoded batches that yields decoded ones (same length, same order)."""
+
+    def __init__(self, loader, decoder: GpuDecoder):
+        self.loader, self.decoder = loader, decoder
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.decoder(batch)

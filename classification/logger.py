@@ -15,6 +15,7 @@ import sys
 from tqdm import tqdm
 
 LOG_NAME = "classification"
+FILE_LOG_NAME = "classification.file"
 
 
 def setup_logging(output_dir: str | None, is_main: bool) -> logging.Logger:
@@ -24,17 +25,24 @@ def setup_logging(output_dir: str | None, is_main: bool) -> logging.Logger:
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
-        h.close()
+        h.close()  # closes log files; a console handler leaves sys.stdout open
     fmt = logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.INFO if is_main else logging.WARNING)
     console.setFormatter(fmt)
     log.addHandler(console)
+    # File-only twin: periodic lines still reach log.txt while a tqdm bar owns the terminal.
+    file_log = logging.getLogger(FILE_LOG_NAME)
+    file_log.setLevel(logging.INFO)
+    file_log.propagate = False
+    for h in list(file_log.handlers):
+        file_log.removeHandler(h)
     if is_main and output_dir:
         os.makedirs(output_dir, exist_ok=True)
         fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
         fh.setFormatter(fmt)
         log.addHandler(fh)
+        file_log.addHandler(fh)
     return log
 
 

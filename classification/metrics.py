@@ -1,4 +1,4 @@
-"""Accuracy counts, running averages and peak memory."""
+"""Accuracy counts and peak memory."""
 
 from __future__ import annotations
 
@@ -9,36 +9,11 @@ import torch
 
 
 @torch.no_grad()
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of samples whose target is among the top-k logits, for each k (k capped at C)."""
-    maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred.eq(targets[:, None])
-    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
-
-
-class Average:
-    """Weighted running mean over the current logging window and over the whole epoch."""
-
-    def __init__(self):
-        self.total = self.count = self.window_total = self.window_count = 0.0
-
-    def update(self, value: float, n: float = 1.0) -> None:
-        self.total += value * n
-        self.count += n
-        self.window_total += value * n
-        self.window_count += n
-
-    @property
-    def window(self) -> float:
-        return self.window_total / max(self.window_count, 1e-12)
-
-    @property
-    def mean(self) -> float:
-        return self.total / max(self.count, 1e-12)
-
-    def reset_window(self) -> None:
-        self.window_total = self.window_count = 0.0
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[top-1 hits, top-5 hits]`` as a device tensor (no host sync; k capped at the classes)."""
+    k = min(5, logits.shape[1])
+    hit = logits.float().topk(k, dim=1).indices.eq(targets[:, None])
+    return torch.stack([hit[:, :1].any(1).sum(), hit.any(1).sum()])
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -19,7 +20,12 @@ from torch.utils.data import DataLoader
 
 from classification import checkpoint as ckpt_lib
 from classification.config import to_yaml
-from classification.data import build_datasets, collate_skip_bad, worker_init
+from classification.data import (
+    ImageFolderDataset,
+    build_datasets,
+    collate_skip_bad,
+    worker_init,
+)
 from classification.distributed import (
     DistInfo,
     all_gather_object,
@@ -30,19 +36,22 @@ from classification.distributed import (
 )
 from classification.ema import ModelEMA
 from classification.logger import (
+    FILE_LOG_NAME,
     LOG_NAME,
     MetricWriter,
     progress,
     setup_logging,
     use_progress_bar,
 )
-from classification.metrics import peak_memory_mb
+from classification.metrics import peak_memory_mb, topk_hits
+from classification.precise_bn import recompute_bn_stats
 from classification.sampler import EvalSampler, TrainSampler, subset_indices
 from classification.schedule import CosineWarmup, scaled_lr
 from rwdet.graphs import graphs_fingerprint, graphs_from_dict, graphs_to_dict
 from rwdet.models import build_model, get_graphs
 
 log = logging.getLogger(LOG_NAME)
+file_log = logging.getLogger(FILE_LOG_NAME)  # log.txt only (while a tqdm bar is shown)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -53,7 +62,7 @@ def model_spec(cfg: dict, num_classes: int, in_channels: int) -> dict:
     """The ``build_model`` name and keyword arguments a config asks for (JSON values only)."""
     m = cfg["model"]
     kwargs = dict(m["kwargs"])
-    for key in ("gen", "seed", "wiring", "nodes", "channels"):
+    for key in ("gen", "seed", "wiring", "nodes", "channels", "node_op"):
         if m[key] is not None:
             kwargs[key] = m[key]
     if m["gen_params"]:
@@ -62,6 +71,21 @@ def model_spec(cfg: dict, num_classes: int, in_channels: int) -> dict:
     if in_channels != 3:
         kwargs["in_channels"] = in_channels
     return {"name": m["name"], "kwargs": kwargs}
+
+
+def build(spec: dict, graphs: dict | None = None) -> nn.Module:
+    """``build_model`` from a spec; stage graphs (edge lists) are passed only when there are any."""
+    kwargs = dict(spec["kwargs"])
+    if graphs:
+        kwargs["graphs"] = graphs
+    try:
+        return build_model(spec["name"], **kwargs)
+    except TypeError as e:
+        raise ValueError(
+            f"model {spec['name']!r} cannot be built with the keywords {sorted(spec['kwargs'])}: "
+            f"{e}. Drop the flags/config keys this model does not take (e.g. --gen/--seed for "
+            f"models without random graphs)"
+        ) from None
 
 
 def seed_all(seed: int) -> None:
@@ -97,11 +121,13 @@ def describe_data(cfg: dict, train_set, val_set, classes) -> str:
 
 
 def log_complexity(model: nn.Module, cfg: dict, in_channels: int, writer: MetricWriter) -> None:
-    from rwdet.complexity import complexity
-
     size = cfg["data"]["test_size"]
     try:
-        c = complexity(model, size, in_channels)
+        with warnings.catch_warnings():  # fvcore uses the deprecated torch.jit API
+            warnings.simplefilter("ignore", FutureWarning)
+            from rwdet.complexity import complexity
+
+            c = complexity(model, size, in_channels)
     except Exception as e:  # noqa: BLE001 - a tracing problem must not stop training
         log.warning("complexity: fvcore could not count this model (%s)", e)
         return
@@ -146,7 +172,9 @@ def autocast(d: DistInfo, dtype):
     return torch.autocast(device_type=d.device.type, dtype=dtype)
 
 
-def make_loader(dataset, sampler, batch_size: int, cfg: dict, d: DistInfo, seed: int):
+def make_loader(
+    dataset, sampler, batch_size, cfg, d: DistInfo, seed: int, persistent=True, collate=None
+):
     workers = cfg["data"]["workers"]
     return DataLoader(
         dataset,
@@ -155,13 +183,33 @@ def make_loader(dataset, sampler, batch_size: int, cfg: dict, d: DistInfo, seed:
         num_workers=workers,
         pin_memory=cfg["data"]["pin_memory"] and d.device.type == "cuda",
         drop_last=False,
-        collate_fn=collate_skip_bad,
+        collate_fn=collate or collate_skip_bad,
         worker_init_fn=worker_init,
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         # A private generator: creating an iterator must not draw from the global RNG, or a
         # resumed run would see a different dropout/edge-drop stream than an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def train_loader_for(train_set, sampler, batch, cfg, d: DistInfo):
+    """The CPU-decoding loader, or with ``data.gpu_decode`` one that decodes on the device."""
+    if not cfg["data"]["gpu_decode"]:
+        return make_loader(train_set, sampler, batch, cfg, d, cfg["seed"])
+    from classification.gpu_decode import (
+        DecodingLoader,
+        EncodedImageDataset,
+        GpuDecoder,
+        collate_encoded,
+    )
+
+    if not isinstance(train_set, ImageFolderDataset):
+        raise ValueError("data.gpu_decode needs JPEG files in ImageNet layout (--data ROOT)")
+    if d.device.type != "cuda":
+        log.warning("data.gpu_decode without CUDA: decoding on the CPU in the main process")
+    encoded = EncodedImageDataset(train_set.samples, train_set.classes)
+    loader = make_loader(encoded, sampler, batch, cfg, d, cfg["seed"], collate=collate_encoded)
+    return DecodingLoader(loader, GpuDecoder(cfg["data"]["train_size"], True, d.device))
 
 
 def per_rank(global_batch: int, d: DistInfo, what: str) -> int:
@@ -173,10 +221,36 @@ def per_rank(global_batch: int, d: DistInfo, what: str) -> int:
     return global_batch // d.world
 
 
+_REPORTED: set = set()  # unreadable files already logged in this process (each is logged once)
+
+
 def report_bad(bad: list, counter: dict) -> None:
     for path, reason in bad:
         counter["skipped"] += 1
-        log.warning("skipped unreadable image %s (%s)", path, reason)
+        if path not in _REPORTED:
+            _REPORTED.add(path)
+            log.warning("skipped unreadable image %s (%s)", path, reason)
+
+
+def precise_bn(model, train_set, indices, epoch: int, cfg: dict, d: DistInfo, batch: int):
+    """Recompute BN statistics on ``train.precise_bn`` training images (fixed per epoch)."""
+    sampler = TrainSampler(indices, batch, cfg["seed"] + 1, d.rank, d.world)
+    sampler.set_epoch(epoch)
+    n_batches = max(1, -(-cfg["train"]["precise_bn"] // (batch * d.world)))
+    loader = make_loader(train_set, sampler, batch, cfg, d, cfg["seed"], persistent=False)
+
+    def batches():
+        for i, (images, _, _) in enumerate(loader):
+            if i >= n_batches:
+                break
+            if images is not None:
+                images = images.to(d.device, non_blocking=True)
+                if cfg["train"]["channels_last"]:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield images
+
+    n = recompute_bn_stats(ckpt_lib.unwrap(model), batches(), d.world)
+    log.info("precise BN: statistics recomputed on %d batches of %d images", n, batch)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -202,11 +276,8 @@ def evaluate(model: nn.Module, loader, d: DistInfo, cfg: dict, desc: str = "eval
         with autocast(d, amp_dtype):
             logits = model(images)
         logits = logits.float()
-        k = min(5, logits.shape[1])
-        hit = logits.topk(k, dim=1).indices.eq(targets[:, None])
         sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-        sums[1] += hit[:, :1].any(1).sum()
-        sums[2] += hit.any(1).sum()
+        sums[1:3] += topk_hits(logits, targets)
         sums[3] += len(targets)
     sums[4] += counter["skipped"]
     all_reduce_sum(sums)
@@ -248,8 +319,10 @@ def save_checkpoint(paths, model, state: dict, cfg: dict, d: DistInfo) -> None:
         "epoch": state["iteration"] // state["iters_per_epoch"],
         "iteration": state["iteration"],
         "rng": rng,
-        "sampler": {
+        "sampler": {  # the data order is a function of (seed, epoch); position = start_batch
             "seed": cfg["seed"],
+            "epoch": state["iteration"] // state["iters_per_epoch"],
+            "start_batch": state["iteration"] % state["iters_per_epoch"],
             "iters_per_epoch": state["iters_per_epoch"],
             "world": d.world,
         },
@@ -329,11 +402,8 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
             ema.update(ckpt_lib.unwrap(model))
         with torch.no_grad():
             n = len(targets)
-            hit = logits.detach().float().topk(min(5, logits.shape[1]), 1).indices
-            hit = hit.eq(targets[:, None])
             window[0] += loss.detach().double() * n
-            window[1] += hit[:, :1].any(1).sum()
-            window[2] += hit.any(1).sum()
+            window[1:3] += topk_hits(logits.detach(), targets)
             window[3] += n
             window[4] += (~torch.isfinite(loss.detach())).double()
         state["iteration"] = it + 1
@@ -359,9 +429,9 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
             writer.write("train", it + 1, values)
             if bar_on:
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.4f}")
-            elif d.is_main:
+            if d.is_main:
                 eta = (state["total_iters"] - it - 1) * elapsed / max(steps_in_window, 1)
-                log.info(
+                (file_log if bar_on else log).info(
                     "epoch %d/%d iter %d/%d  loss %.4f  top1 %.2f  top5 %.2f  lr %.5f  "
                     "%.0f img/s  data %.1f ms  mem %.0f MB  eta %s",
                     epoch + 1, epochs, b + 1, ipe, values["loss"], values["top1"],
@@ -374,6 +444,7 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
         if period and (it + 1) % period == 0 and not last_of_epoch:
             # The window is checked first so that no checkpoint ever holds diverged weights.
             check_finite(all_reduce_sum(window[4:5].clone()).item(), state, it)
+            check_weights_finite(model, state, it)
             save_checkpoint([state["last_path"]], model, state, cfg, d)
         t_last = time.perf_counter()
     if counter["skipped"]:
@@ -384,10 +455,19 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
     return epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
 
 
+def check_weights_finite(model: nn.Module, state: dict, it: int) -> None:
+    """The loss of a step is computed before its update, so a diverging update shows up in the
+    weights first; nothing non-finite is ever written to a checkpoint."""
+    with torch.no_grad():
+        bad = any(not bool(torch.isfinite(p).all()) for p in model.parameters())
+    check_finite(float(bad), state, it)
+
+
 def check_finite(nonfinite: float, state: dict, it: int) -> None:
     if nonfinite > 0:
         raise FloatingPointError(
-            f"the training loss became NaN/Inf (at or before iteration {it + 1}); stopping. "
+            f"the training loss or weights became NaN/Inf (at or before iteration {it + 1}); "
+            f"stopping. "
             f"The last good checkpoint is kept at {state['last_path']} (if one was written). "
             f"Lower the learning rate, add warmup or gradient clipping, or use --amp bf16 "
             f"instead of fp16"
@@ -428,7 +508,7 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
                 f"{ckpt['classes'][:3]}...) than this data ({len(classes)}: {classes[:3]}...)"
             )
         graphs = graphs_from_dict(ckpt["graphs"])  # restored as edge lists, never regenerated
-    model = build_model(spec["name"], graphs=graphs, **spec["kwargs"])
+    model = build(spec, graphs)
     fingerprint = graphs_fingerprint(get_graphs(model))
     check_same_on_all_ranks(fingerprint, "graph fingerprint")
     log.info("model %s %s, graph fingerprint %s", spec["name"], spec["kwargs"], fingerprint)
@@ -457,15 +537,18 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
         )
     total = cfg["schedule"]["epochs"] * ipe
     warmup = round(cfg["schedule"]["warmup_epochs"] * ipe)
-    scheduler = CosineWarmup(optimizer, lr, total, warmup, cfg["schedule"]["warmup_factor"])
+    factor = cfg["schedule"]["warmup_factor"]
+    if factor is None:
+        factor = min(1.0, o["reference_batch"] / tc["batch_size"])
+    scheduler = CosineWarmup(optimizer, lr, total, warmup, factor)
     amp_dtype, use_scaler = amp_settings(cfg, d)
     scaler = torch.amp.GradScaler(d.device.type, enabled=use_scaler)
     ema = ModelEMA(model, tc["ema_decay"]) if tc["ema"] else None
     log.info(
         "lr %.4g = %.4g x global batch %d / reference batch %d; %d iterations/epoch, %d epochs,"
-        " %d warmup iterations, half-period cosine",
+        " %d warmup iterations from %.3g x lr, half-period cosine",
         lr, o["lr"], tc["batch_size"], o["reference_batch"], ipe, cfg["schedule"]["epochs"],
-        warmup,
+        warmup, factor,
     )  # fmt: skip
     state = {
         "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema,
@@ -486,7 +569,7 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if tc["compile"]:
         model = torch.compile(model)
-    train_loader = make_loader(train_set, sampler, batch, cfg, d, cfg["seed"])
+    train_loader = train_loader_for(train_set, sampler, batch, cfg, d)
     val_loader = eval_loader(val_set, cfg, d)
 
     result = dict(state["metrics"])
@@ -494,9 +577,12 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
         sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
         t0 = time.perf_counter()
         train_loss = train_epoch(model, train_loader, epoch, sampler.start_batch, state, cfg, d)
+        check_weights_finite(model, state, state["iteration"] - 1)
         last = epoch + 1 == cfg["schedule"]["epochs"]
         paths = [state["last_path"]]
         if last or (epoch + 1) % tc["eval_period"] == 0:
+            if tc["precise_bn"]:
+                precise_bn(model, train_set, indices, epoch, cfg, d, batch)
             result = run_eval(model, val_loader, epoch, state, cfg, d, train_loss, t0)
             if result["top1"] > state["metrics"]["best_top1"]:
                 state["metrics"]["best_top1"] = result["top1"]
@@ -586,7 +672,7 @@ def eval_only(cfg: dict, d: DistInfo) -> dict:
         ckpt_lib.check_model_spec(ckpt, spec, path, eval_only=True)
         have = ckpt["model_spec"]
         graphs = graphs_from_dict(ckpt["graphs"])
-        model = build_model(have["name"], graphs=graphs, **have["kwargs"])
+        model = build(have, graphs)
         check_same_on_all_ranks(graphs_fingerprint(get_graphs(model)), "graph fingerprint")
         weights = "model"
         if cfg["eval"]["ema"]:
@@ -610,6 +696,9 @@ def eval_only(cfg: dict, d: DistInfo) -> dict:
 
 
 def main(cfg: dict) -> dict:
+    threads = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
     d = init_distributed(cfg["device"])
     try:
         if cfg["eval"]["only"]:
@@ -617,3 +706,4 @@ def main(cfg: dict) -> dict:
         return train(cfg, d)
     finally:
         cleanup()
+        torch.set_num_threads(threads)

@@ -28,7 +28,8 @@ def run(tmp_path, device, train):
 @pytest.mark.parametrize("train", [True, False])
 def test_decodes_augments_and_skips_corrupt_files(tmp_path, train):
     (images, targets, bad), samples = run(tmp_path, "cpu", train)
-    assert bad == 1 and images.shape == (len(samples) - 1, 3, 32, 32)
+    assert [p.endswith("corrupt.jpg") for p, _ in bad] == [True]
+    assert images.shape == (len(samples) - 1, 3, 32, 32)
     assert targets.tolist() == [t for p, t in samples if "corrupt" not in p]
     # Normalised with the ImageNet statistics: a red image has a high red channel.
     assert images[0, 0].mean() > 1.0 and images[0, 2].mean() < -1.0
@@ -46,4 +47,21 @@ def test_same_seed_same_crop(tmp_path):
 @pytest.mark.gpu
 def test_cuda_decode_matches_shape(tmp_path):
     (images, targets, bad), _ = run(tmp_path, "cuda", True)
-    assert images.is_cuda and targets.is_cuda and bad == 1
+    assert images.is_cuda and targets.is_cuda and len(bad) == 1
+
+
+@pytest.mark.slow
+def test_trainer_with_gpu_decode_flag_learns(tmp_path):
+    """--gpu-decode runs the whole training loop through the decode path (on CPU here)."""
+    from test_cls_data import make_image_folder
+    from test_cls_train import tiny_args, tiny_cfg
+
+    from classification import trainer
+
+    data = str(tmp_path / "data")
+    make_image_folder(data)
+    out = str(tmp_path / "run")
+    cfg = tiny_cfg(*tiny_args(data, out, epochs=2, extra=["--gpu-decode"]))
+    assert cfg["data"]["gpu_decode"] is True
+    result = trainer.main(cfg)
+    assert result["top1"] > 100.0 / 3

@@ -34,11 +34,13 @@ def parse_args(argv=None):
     g.add_argument("--wiring", help="wiring mode (static = RandWire)")
     g.add_argument("--nodes", type=int, help="N, nodes per stage")
     g.add_argument("--channels", type=int, help="C, base width")
+    g.add_argument("--node-op", choices=["sepconv", "conv", "maxpool", "avgpool"], help="node op")
     g = p.add_argument_group("data and schedule")
     g.add_argument(
         "--data", help="ImageNet-layout root (ROOT/train, ROOT/val); default: Fashion-MNIST"
     )
     g.add_argument("--workers", type=int, help="data-loading workers per process")
+    g.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch size (all processes)")
     g.add_argument("--lr", type=float, help="lr at optim.reference_batch (scaled linearly)")
@@ -71,7 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def flags_from_args(a) -> dict:
@@ -91,6 +93,7 @@ def flags_from_args(a) -> dict:
     for path, value in [
         ("model.name", a.model), ("model.gen", a.gen), ("model.seed", a.seed),
         ("model.wiring", a.wiring), ("model.nodes", a.nodes), ("model.channels", a.channels),
+        ("model.node_op", a.node_op),
         ("model.gen_params", gen_params or None), ("data.root", a.data),
         ("data.workers", a.workers), ("data.test_size", a.test_size),
         ("schedule.epochs", a.epochs), ("schedule.warmup_epochs", a.warmup_epochs),
@@ -103,7 +106,7 @@ def flags_from_args(a) -> dict:
     for path, on in [
         ("eval.only", a.eval_only), ("eval.ema", a.eval_ema), ("train.ema", a.ema),
         ("train.channels_last", a.channels_last), ("train.compile", a.compile),
-        ("train.sync_bn", a.sync_bn),
+        ("train.sync_bn", a.sync_bn), ("data.gpu_decode", a.gpu_decode),
     ]:  # fmt: skip
         if on:
             put(path, True)

@@ -1,0 +1,180 @@
+"""Classification config: commented defaults, recipes, flags, dotted overrides, bad values."""
+
+import ast
+import importlib.util
+import os
+
+import pytest
+import yaml
+
+from classification import config as C
+from rwdet.models import list_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "configs", "cls")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location(
+        "train_cls", os.path.join(ROOT, "tools", "train_cls.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cli(*argv):
+    tool = load_tool()
+    args = tool.parse_args(list(argv))
+    return C.resolve(args.config, tool.flags_from_args(args), args.opts)
+
+
+def test_every_default_key_has_a_comment():
+    """Each key of DEFAULTS is preceded by a comment line in classification/config.py."""
+    source = open(C.__file__).read()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    defaults = next(
+        n.value
+        for n in tree.body
+        if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "DEFAULTS"
+    )
+    missing = []
+
+    def walk(node):
+        for key, value in zip(node.keys, node.values):
+            prev = lines[key.lineno - 2].strip()
+            if isinstance(value, ast.Dict) and value.keys:
+                walk(value)
+            elif not prev.startswith("#"):
+                missing.append(key.value)
+
+    walk(defaults)
+    assert not missing, f"config keys without a comment: {missing}"
+
+
+def test_fashion_mnist_recipe_equals_the_builtin_profile():
+    with open(os.path.join(RECIPES, "fashion_mnist.yaml")) as f:
+        assert yaml.safe_load(f) == C.FASHION_MNIST_PROFILE
+    # ... so the default run and the recipe resolve to the same config.
+    default = C.resolve()
+    recipe = C.resolve(os.path.join(RECIPES, "fashion_mnist.yaml"))
+    assert default == recipe
+    assert default["data"]["name"] == "fashion_mnist"
+    assert default["output_dir"] == os.path.join("output", "cls", default["name"])
+
+
+def test_demo_command_config():
+    cfg = cli("--gen", "ws")
+    assert cfg["model"]["gen"] == "ws" and cfg["model"]["kwargs"]["stem"] == "small"
+    assert cfg["data"]["name"] == "fashion_mnist" and cfg["data"]["train_size"] == 28
+    assert cfg["name"] == "fashion_mnist_randwire_small_ws_seed1"
+
+
+@pytest.mark.parametrize(
+    "recipe,epochs,wd,ref",
+    [
+        ("randwire_small.yaml", 250, 5e-5, 256),
+        ("randwire_c109.yaml", 100, 1e-5, 256),
+        ("randwire_c154.yaml", 100, 1e-5, 256),
+        ("mobilenetv1_dnw.yaml", 250, 5e-5, 512),
+        ("popup_resnet50.yaml", 100, 3.0517578125e-5, 256),
+    ],
+)
+def test_paper_recipes(recipe, epochs, wd, ref):
+    path = os.path.join(RECIPES, recipe)
+    with pytest.raises(ValueError, match="--data ROOT"):
+        C.resolve(path)  # ImageNet recipes need a data root
+    cfg = C.resolve(path, {"data": {"root": "/data/imagenet"}})
+    assert cfg["schedule"]["epochs"] == epochs
+    assert cfg["optim"]["weight_decay"] == pytest.approx(wd)
+    assert cfg["optim"]["reference_batch"] == ref
+    assert cfg["data"]["name"] == "imagenet" and cfg["data"]["train_size"] == 224
+    if cfg["model"]["name"] not in list_models():
+        pytest.skip(f"model {cfg['model']['name']} is not registered in this checkout")
+    if recipe.startswith("randwire_c"):
+        kw = cfg["model"]["kwargs"]
+        assert kw == {"dropout": 0.2, "edge_drop": 0.1}
+
+
+@pytest.mark.slow
+def test_recipe_models_build_with_their_keywords():
+    """The non-RandWire recipes pass only keywords their models accept (tiny inputs)."""
+    from classification.trainer import build, model_spec
+
+    for recipe in ("mobilenetv1_dnw.yaml", "popup_resnet50.yaml"):
+        cfg = C.resolve(os.path.join(RECIPES, recipe), {"data": {"root": "/x"}})
+        if cfg["model"]["name"] not in list_models():
+            continue
+        spec = model_spec(cfg, num_classes=10, in_channels=3)
+        model = build(spec)
+        assert model.rwdet_spec == spec
+
+
+def test_flags_map_to_model_keywords():
+    cfg = cli(
+        "--data", "/d", "--gen", "ws", "--k", "6", "--p", "0.5", "--seed", "3",
+        "--nodes", "12", "--channels", "20", "--wiring", "static", "--epochs", "7",
+        "--batch-size", "64", "--lr", "0.2", "--amp", "bf16", "--channels-last",
+        "--ema", "--test-size", "320", "optim.clip_grad=5", "train.sync_bn=true",
+    )  # fmt: skip
+    m = cfg["model"]
+    assert (m["gen"], m["gen_params"], m["seed"], m["nodes"], m["channels"]) == (
+        "ws", {"k": 6, "p": 0.5}, 3, 12, 20,
+    )  # fmt: skip
+    assert cfg["schedule"]["epochs"] == 7 and cfg["train"]["batch_size"] == 64
+    assert cfg["optim"]["lr"] == 0.2 and cfg["optim"]["clip_grad"] == 5
+    assert cfg["train"]["amp"] == "bf16" and cfg["train"]["channels_last"] and cfg["train"]["ema"]
+    assert cfg["data"]["test_size"] == 320 and cfg["data"]["test_resize"] is None
+    assert cfg["train"]["sync_bn"] is True
+    assert cfg["name"] == "imagenet_randwire_small_ws-k6-p0.5_seed3"
+
+
+def test_another_generator_drops_the_recipes_parameters():
+    cfg = cli(
+        "--config", os.path.join(RECIPES, "randwire_small.yaml"), "--data", "/d", "--gen", "er"
+    )
+    assert cfg["model"]["gen"] == "er" and cfg["model"]["gen_params"] == {}
+    cfg = cli(
+        "--config", os.path.join(RECIPES, "randwire_small.yaml"), "--data", "/d", "--gen", "ba",
+        "--m", "3",
+    )  # fmt: skip
+    assert cfg["model"]["gen_params"] == {"m": 3}
+
+
+def test_resume_flags():
+    assert cli()["train"]["resume"] is True
+    assert cli("--no-resume")["train"]["resume"] is False
+    assert cli("--resume", "x.pth")["train"]["resume"] == "x.pth"
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+        (["optim=3"], "is a section"),
+        (["optim.lr"], "key=value"),
+        (["train.amp=fp8"], "train.amp='fp8'"),
+        (["schedule.epochs=0"], "positive integer"),
+        (["data.name=cifar"], "data.name='cifar'"),
+        (["--eval-only"], "needs --weights"),
+    ],
+)
+def test_bad_values_are_clear_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        cli(*argv)
+
+
+def test_missing_config_file_lists_recipes(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(FileNotFoundError, match="randwire_small.yaml"):
+        C.resolve("configs/cls/nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        C.resolve(str(bad))
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = cli("--gen", "ba", "--m", "4")
+    assert yaml.safe_load(C.to_yaml(cfg)) == cfg

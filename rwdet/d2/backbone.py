@@ -4,16 +4,20 @@ Any rwdet model that exposes ``forward_features(x) -> {stage: tensor}``, ``stage
 ``stage_strides`` (RandWire, MobileNetV1-DNW, the edge-popup ResNets) becomes a bottom-up
 backbone here. The classifier is removed, so under DDP every remaining trainable parameter
 receives a gradient. The norm layer is detectron2's ``get_norm`` (FrozenBN by default, as in
-Detectron's fine-tuning), handed to the model as its ``norm_layer``.
+Detectron's fine-tuning): handed to the model as its ``norm_layer`` when the model takes one,
+otherwise its BatchNorms are converted after building.
 
-``MODEL.BACKBONE.FREEZE_AT = k`` freezes the first k stages in stage order (conv1, conv2, ...):
-their parameters stop requiring gradients and their BatchNorms become FrozenBN. With
-RandWire's conv1 (stride 2) and conv2 (stride 4) this is exactly ResNet's stem + res2 for
-Detectron's default k = 2.
+``MODEL.BACKBONE.FREEZE_AT = k`` freezes everything that runs before the k-th stage output
+(stages in ``stage_strides`` order) is ready: its parameters stop requiring gradients and its
+BatchNorms become FrozenBN. The modules are found by tracing one small forward pass, so stem
+parts outside a named stage (ResNet's ``bn1``, MobileNet's stem conv) are covered too. With
+RandWire's conv1 (stride 2) and conv2 (stride 4) Detectron's default k = 2 is exactly
+ResNet's stem + res2.
 """
 
 from __future__ import annotations
 
+import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
@@ -22,6 +26,74 @@ from torch import nn
 from rwdet.d2.convert import CLASSIFIER_MODULES
 from rwdet.d2.spec import BackboneSpec, resolve_backbone_spec
 from rwdet.models import build_model, get_graphs
+
+
+def frozen_bn(bn: nn.Module) -> FrozenBatchNorm2d:
+    """FrozenBN with the BN's statistics (and affine, else identity), no batch counter."""
+    frozen = FrozenBatchNorm2d.convert_frozen_batchnorm(bn)
+    frozen.num_batches_tracked = None
+    return frozen
+
+
+def convert_norm(model: nn.Module, norm: str, name: str) -> nn.Module:
+    """Switch the BatchNorms of a model that builds its own (no ``norm_layer`` argument)."""
+    if norm == "FrozenBN":
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    setattr(parent, child_name, frozen_bn(child))
+        return model
+    if norm == "SyncBN":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if norm == "BN":
+        return model
+    raise ValueError(
+        f"model {name!r} builds its own BatchNorm layers (no norm_layer argument), so "
+        f"MODEL.RWDET.NORM={norm!r} cannot be applied; use FrozenBN, BN or SyncBN"
+    )
+
+
+@torch.no_grad()
+def modules_before(model: nn.Module, stage: str, size: int = 64) -> set[nn.Module]:
+    """The modules that run before ``stage``'s output exists, from one traced forward pass.
+
+    The stage output is the tensor returned by the module that completes last among those
+    returning it (a Sequential and its last child return the same tensor); everything that
+    started before that module completed belongs to the stage or to an earlier one.
+    """
+    called: list[nn.Module] = []
+    finished: dict[int, int] = {}
+    keep = []
+
+    def pre(m, _inputs):
+        called.append(m)
+
+    def post(m, _inputs, out):
+        if torch.is_tensor(out):
+            keep.append(out)  # keep ids unique while tracing
+            finished[id(out)] = len(called)
+
+    mods = [m for m in model.modules() if m is not model]
+    handles = [m.register_forward_pre_hook(pre) for m in mods]
+    handles += [m.register_forward_hook(post) for m in mods]
+    was_training = model.training
+    try:
+        model.eval()
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        cin = first.in_channels if first is not None else 3
+        feats = model.forward_features(torch.zeros(1, cin, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    end = finished.get(id(feats[stage]))
+    if end is None:
+        raise ValueError(
+            f"cannot tell which modules compute stage {stage!r} of {type(model).__name__}: "
+            "its output is not returned by a module; FREEZE_AT needs stage outputs produced "
+            "by modules"
+        )
+    return set(called[:end])
 
 
 class RwdetBackbone(Backbone):
@@ -51,23 +123,22 @@ class RwdetBackbone(Backbone):
         self._out_feature_strides = {f: int(model.stage_strides[f]) for f in out_features}
         self.freeze(freeze_at)
 
-    @property
-    def size_divisibility(self) -> int:
-        return 0
-
     def freeze(self, freeze_at: int) -> RwdetBackbone:
         if not 0 <= freeze_at <= len(self.stage_names):
             raise ValueError(
                 f"MODEL.BACKBONE.FREEZE_AT={freeze_at} is out of range; this backbone has "
                 f"{len(self.stage_names)} stages {self.stage_names} (0 freezes nothing)"
             )
-        for name in self.stage_names[:freeze_at]:
-            stage = self.model.get_submodule(name)
-            for p in stage.parameters():
+        if freeze_at == 0:
+            return self
+        scope = modules_before(self.model, self.stage_names[freeze_at - 1])
+        for m in scope:
+            for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
-            frozen = FrozenBatchNorm2d.convert_frozen_batchnorm(stage)
-            if frozen is not stage:
-                setattr(self.model, name, frozen)
+        for parent in list(self.model.modules()):
+            for name, child in list(parent.named_children()):
+                if child in scope and isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    setattr(parent, name, frozen_bn(child))
         return self
 
     def forward(self, x):
@@ -78,16 +149,24 @@ class RwdetBackbone(Backbone):
 def build_rwdet_bottom_up(cfg, spec: BackboneSpec | None = None) -> RwdetBackbone:
     spec = spec or resolve_backbone_spec(cfg)
     norm = cfg.MODEL.RWDET.NORM
-    kwargs = dict(spec.kwargs, norm_layer=lambda c: get_norm(norm, c))
+    kwargs = dict(spec.kwargs)
     if spec.graphs:
         kwargs["graphs"] = spec.graphs
-    try:
-        model = build_model(spec.name, **kwargs)
-    except TypeError as e:
-        raise ValueError(
-            f"model {spec.name!r} does not accept the options {sorted(kwargs)}: {e}"
-        ) from None
-    # What the weights file / checkpoint needs to rebuild this backbone exactly.
+
+    def build(**extra):
+        try:
+            return build_model(spec.name, **kwargs, **extra)
+        except TypeError as e:
+            if "norm_layer" in extra and "norm_layer" in str(e):
+                return None
+            raise ValueError(
+                f"model {spec.name!r} does not accept the options {sorted(kwargs)}: {e}"
+            ) from None
+
+    model = build(norm_layer=lambda c: get_norm(norm, c))
+    if model is None:
+        model = convert_norm(build(), norm, spec.name)
+    # What a checkpoint needs to rebuild this backbone exactly.
     model.rwdet_spec = {"name": spec.name, "kwargs": dict(spec.kwargs)}
     model.rwdet_graphs = get_graphs(model)
     return RwdetBackbone(model, cfg.MODEL.RWDET.OUT_FEATURES, cfg.MODEL.BACKBONE.FREEZE_AT)

@@ -73,7 +73,9 @@ class RwdetCheckpointer(DetectionCheckpointer):
         if filename.endswith(".pyth"):
             data = torch.load(filename, map_location="cpu", weights_only=True)
             state = {
-                k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")
+                k: v
+                for k, v in data["model_state"].items()
+                if not k.endswith("num_batches_tracked")
             }
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)
@@ -148,7 +150,7 @@ class RwdetCheckpointer(DetectionCheckpointer):
             data[META_KEY] = meta
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to {}".format(save_file))
+        self.logger.info(f"Saving checkpoint to {save_file}")
         _atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)
 

@@ -56,6 +56,7 @@ def add_rwdet_config(cfg: CN) -> None:
     # Stage outputs the backbone returns (and FPN may read). RandWire names them conv1..conv5
     # with strides 2, 4, 8, 16, 32.
     _C.MODEL.RWDET.OUT_FEATURES = ["conv2", "conv3", "conv4", "conv5"]
-    # Further model keyword arguments as a YAML/JSON mapping string, parsed with
-    # yaml.safe_load, e.g. '{"wiring_options": {"k": 0.3}}'. Empty: none.
-    _C.MODEL.RWDET.EXTRA_KWARGS = ""
+    # Further build_model keyword arguments as a YAML mapping in a config file, e.g.
+    #   EXTRA_KWARGS: {wiring_options: {k: 0.3}, head_channels: 256}
+    # (yacs cannot add new keys from the command line; put them in a YAML file). Empty: none.
+    _C.MODEL.RWDET.EXTRA_KWARGS = CN(new_allowed=True)

@@ -26,9 +26,9 @@ import re
 import torch
 from torch import nn
 
+from rwdet.d2.weights import AUTHOR, BACKBONE_PREFIX, META_KEY, to_numpy_state
 from rwdet.graphs import graphs_fingerprint, graphs_from_dict, graphs_to_dict
 from rwdet.models import build_model, get_graphs
-from rwdet.d2.weights import AUTHOR, BACKBONE_PREFIX, META_KEY, to_numpy_state
 
 # Child modules that form a classifier (dropped: a detector never uses them, and parameters
 # without gradients would break DDP).
@@ -111,8 +111,11 @@ def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False) -> dict:
                 "converted for RGB detection"
             )
         name, conv = input_conv(model, in_channels)
-        w = state[name + ".weight"]
-        state[name + ".weight"] = w.repeat(1, 3, 1, 1) / 3.0
+        for key, t in conv.state_dict().items():
+            if t.dim() == 4 and t.shape[1] == 1:
+                # Weights are divided by 3; per-weight companions (edge-popup scores) copied.
+                rep = state[f"{name}.{key}"].repeat(1, 3, 1, 1)
+                state[f"{name}.{key}"] = rep / 3.0 if key == "weight" else rep
         det_kwargs["in_channels"] = 3
         notes.append(f"{name}.weight: 1 -> 3 input channels, replicated and divided by 3")
     if kwargs.get("stem", "imagenet") != "imagenet":
@@ -125,9 +128,7 @@ def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False) -> dict:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine:
             state[mname + ".weight"] = torch.ones(m.num_features)
             state[mname + ".bias"] = torch.zeros(m.num_features)
-    dropped = sorted(
-        {k.split(".")[0] for k in state if k.split(".")[0] in CLASSIFIER_MODULES}
-    )
+    dropped = sorted({k.split(".")[0] for k in state if k.split(".")[0] in CLASSIFIER_MODULES})
     backbone_state = {
         k: v
         for k, v in state.items()

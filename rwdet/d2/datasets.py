@@ -37,10 +37,10 @@ def check_datasets(cfg, names: list[str] | None = None) -> None:
                 f"dataset {name!r} is not registered; e.g. {known}, or register your own "
                 "with detectron2.data.datasets.register_coco_instances"
             )
-        if name.startswith("treecrowns_"):
-            treecrowns.prepare(os.path.dirname(MetadataCatalog.get(name).image_root))
-            continue
         meta = MetadataCatalog.get(name)
+        if meta.get("thing_classes") == ["tree"] and meta.get("image_root"):
+            treecrowns.prepare(os.path.dirname(meta.image_root))  # made on first use
+            continue
         missing = [
             p
             for p in (meta.get("json_file"), meta.get("image_root"))

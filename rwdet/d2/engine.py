@@ -14,27 +14,51 @@ import weakref
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_setup,
+)
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from rwdet.d2.checkpoint import RwdetCheckpointer
 from rwdet.d2.config import add_rwdet_config
 from rwdet.d2.datasets import check_datasets
 
-logger = logging.getLogger("rwdet.d2")
+logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
+    """DefaultTrainer, built the same way, with two changes to its construction: the
+    checkpointer is ``RwdetCheckpointer``, and DDP of a CPU model gets no ``device_ids``
+    (detectron2 always passes the local rank, which only works on GPUs), so gloo runs work.
+    """
+
     def __init__(self, cfg):
-        super().__init__(cfg)
-        # Same role as DefaultTrainer's checkpointer; the periodic hook must save through it.
-        self.checkpointer = RwdetCheckpointer(
-            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_gpu = cfg.MODEL.DEVICE.startswith("cuda")
+        model = create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            device_ids=[comm.get_local_rank()] if on_gpu else None,
         )
-        for h in self._hooks:
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                h.checkpointer = self.checkpointer
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = RwdetCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -60,6 +84,8 @@ def setup(args):
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     default_setup(cfg, args)
+    # rwdet's own loggers (graph source, auto-resume, ...) print next to detectron2's.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="rwdet")
     return cfg
 
 

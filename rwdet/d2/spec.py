@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import yaml
 
 from rwdet.d2.config import NORMS, STEMS
 from rwdet.d2.weights import read_meta
@@ -40,19 +39,22 @@ class BackboneSpec:
     graph_source: str
 
 
-def _extra_kwargs(text: str) -> dict:
-    if not text.strip():
-        return {}
-    try:
-        extra = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"MODEL.RWDET.EXTRA_KWARGS is not valid YAML/JSON: {e}") from None
+def _plain(value):
+    """CfgNode (a dict subclass) -> plain dicts, so the spec stays JSON-able."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _extra_kwargs(extra) -> dict:
     if not isinstance(extra, dict):
         raise ValueError(
-            f"MODEL.RWDET.EXTRA_KWARGS={text!r} must be a mapping such as "
-            "'{\"wiring_options\": {\"k\": 0.3}}'"
+            f"MODEL.RWDET.EXTRA_KWARGS={extra!r} must be a mapping such as "
+            "{'wiring_options': {'k': 0.3}}"
         )
-    return extra
+    return _plain(extra)
 
 
 def _gen_overrides(c) -> dict:
@@ -174,7 +176,7 @@ def resolve_backbone_spec(cfg) -> BackboneSpec:
             f"MODEL.WEIGHTS={weights!r} ({graphs_fingerprint(w_graphs)}): the weights belong "
             "to other graphs. Use the weights' graphs (unset GRAPH_FILE) or matching weights."
         )
-    graphs, source = (file_graphs, "graph file") if file_graphs else (w_graphs, "weights")
+    graphs, source = (file_graphs, "graph file") if file_graphs else (w_graphs, "weights file")
     gen_keys = {k: overrides[k] for k in ("gen", "gen_params", "seed") if k in overrides}
     arch = {k: v for k, v in overrides.items() if k not in gen_keys}
     if graphs is None:

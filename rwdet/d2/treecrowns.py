@@ -189,18 +189,18 @@ def prepare(root: str | None = None, data_dir: str | None = None) -> str:
     return root
 
 
-def register_treecrowns(root: str | None = None) -> None:
-    """Register ``treecrowns_train`` / ``treecrowns_val``; data is converted on first use."""
+def register_treecrowns(root: str | None = None, prefix: str = "treecrowns") -> None:
+    """Register ``<prefix>_train`` / ``<prefix>_val``; data is converted on first use."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 
+    r = root or default_root()
     for split in SPLITS:
-        name = f"treecrowns_{split}"
+        name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
             continue
-        r = root or default_root()
 
-        def load(r=r, split=split, name=name):
+        def load(split=split, name=name):
             prepare(r)
             return load_coco_json(json_path(r, split), os.path.join(r, split), name)
 

@@ -1,0 +1,80 @@
+"""The detection configs: Detectron's 1x schedule, Detectron1-comparable inputs, rwdet inputs."""
+
+from pathlib import Path
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
+
+import rwdet.d2  # noqa: F401
+from rwdet.d2 import add_rwdet_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+COCO = sorted(p.name for p in CONFIGS.glob("frcnn_*.yaml") if "demo" not in p.name)
+
+
+def load(name):
+    cfg = get_cfg()
+    add_rwdet_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / name))
+    return cfg
+
+
+def test_the_issue_configs_exist():
+    for name in (
+        "frcnn_randwire_c109.yaml",
+        "frcnn_randwire_c154.yaml",
+        "frcnn_r50_baseline.yaml",
+        "frcnn_randwire_demo.yaml",
+    ):
+        assert name in COCO + ["frcnn_randwire_demo.yaml"]
+    assert any("dnw" in n for n in COCO) and any("popup" in n for n in COCO)
+
+
+@pytest.mark.parametrize("name", COCO)
+def test_coco_configs_are_detectron_1x(name):
+    cfg = load(name)
+    s = cfg.SOLVER
+    assert (s.MAX_ITER, tuple(s.STEPS), s.BASE_LR, s.IMS_PER_BATCH) == (
+        90000,
+        (60000, 80000),
+        0.02,
+        16,
+    )
+    assert s.REFERENCE_WORLD_SIZE == 8 and s.WARMUP_ITERS > 0
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (800,) and cfg.INPUT.MAX_SIZE_TRAIN == 1333
+    assert cfg.MODEL.RPN.SMOOTH_L1_BETA == pytest.approx(0.1111)
+    assert cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE == "ROIAlign"
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.28, 103.53]
+    assert cfg.MODEL.PIXEL_STD == [58.395, 57.12, 57.375]
+    assert tuple(cfg.DATASETS.TRAIN) == ("coco_2017_train",)
+    assert tuple(cfg.DATASETS.TEST) == ("coco_2017_val",)
+    assert cfg.MODEL.BACKBONE.NAME in BACKBONE_REGISTRY
+    assert not cfg.MODEL.MASK_ON and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80
+    if cfg.MODEL.BACKBONE.NAME != "build_resnet_fpn_backbone":
+        assert cfg.MODEL.RWDET.NAME, name
+        assert cfg.MODEL.RWDET.NORM == "FrozenBN"
+
+
+@pytest.mark.slow
+def test_randwire_c109_config_builds_the_paper_backbone():
+    cfg = load("frcnn_randwire_c109.yaml")
+    cfg.MODEL.WEIGHTS = ""  # architecture only; no converted ImageNet weights here
+    bb = build_backbone(cfg)
+    model = bb.bottom_up.model
+    assert model.stage_channels == {
+        "conv1": 54,
+        "conv2": 109,
+        "conv3": 218,
+        "conv4": 436,
+        "conv5": 872,
+    }
+    assert [len(model.get_submodule(s).nodes) for s in ("conv2", "conv3", "conv4", "conv5")] == [
+        16,
+        32,
+        32,
+        32,
+    ]
+    n = sum(p.numel() for p in bb.bottom_up.parameters())
+    assert 25e6 < n < 35e6  # Table 3: 31.9M with the classifier (1280-d head + FC)

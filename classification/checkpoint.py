@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 
 import numpy as np
 import torch
 
+from rwdet.atomic import atomic_write
 from rwdet.graphs import graphs_fingerprint, graphs_from_dict
 
 LAST, BEST = "last.pth", "best.pth"
@@ -36,19 +36,7 @@ def atomic_save(obj: dict, path: str) -> None:
 
     A crash (or SIGKILL) at any moment leaves either the old or the new file, never a torn one.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str) -> dict:

@@ -23,7 +23,9 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
   exit 1
 fi
 [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
-PIP="$PY -m pip --disable-pip-version-check"
+# pip warns once per package about this machine's index mirrors; keep only real messages.
+pip_() { "$PY" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+PIP=pip_
 
 echo "rwdet setup: installing pinned dependencies (constraints.txt)"
 $PIP install -q -c constraints.txt "setuptools<80" "numpy<2" wheel

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Test tensors are tiny: one intra-op thread beats two (thread start-up dominates, and the
+# other core stays free for the subprocesses of the DDP and CLI tests).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -54,15 +54,6 @@ def records(out, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and leave the other core to subprocesses)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("imagenet_layout"))

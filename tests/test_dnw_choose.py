@@ -6,15 +6,6 @@ import torch
 from rwdet.nn.choose import dnw_weight, kept_count, popup_mask, topk_mask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread start-up costs that dominate on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize(
     "k,n,expected",
     [

@@ -1,6 +1,5 @@
 """Exporting a DNW model to its plain pruned form: same outputs, dead nodes gone, same counts."""
 
-import pytest
 import torch
 from torch import nn
 
@@ -11,15 +10,6 @@ from rwdet.nn.export import export_subnetwork, prune_stage, stage_live_nodes, su
 from rwdet.nn.learned_gates import DNWGates, FixedGates
 from rwdet.nn.sparse_layers import SPARSE_LAYERS
 from rwdet.sparse_complexity import sparse_complexity
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids thread start-up costs that dominate on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def train_a_little(model, x, steps=2, lr=2.0):

@@ -5,22 +5,12 @@ All in float64 so that analytic and finite-difference values agree to many digit
 
 import copy
 
-import pytest
 import torch
 
 from rwdet.graphs import GraphSpec
 from rwdet.models.mobilenet_dnw import NeuralGraph
 from rwdet.nn import GraphStage
 from rwdet.nn.learned_gates import DNWGates, FixedGates
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread start-up costs that dominate on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_stage(seed=0):

@@ -15,15 +15,6 @@ from rwdet.nn.sparse_layers import DNWConv2d, DNWLinear
 from rwdet.sparse_complexity import sparse_complexity
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids thread start-up costs that dominate on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_mobilenet(name="mobilenetv1_dnw_x0225", **kw):
     return build_model(name, node_multiplier=0.25, num_classes=10, **kw)
 

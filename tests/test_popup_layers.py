@@ -10,15 +10,6 @@ from rwdet.models import build_model
 from rwdet.nn.sparse_layers import PopupConv2d, PopupLinear, nonaffine_batchnorm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread start-up costs that dominate on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_popup_weights_bit_identical_after_sgd_with_momentum_and_weight_decay():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -13,15 +13,6 @@ from rwdet.nn.sparse_layers import SPARSE_LAYERS, PopupConv2d, PopupLinear
 from rwdet.sparse_complexity import sparse_complexity
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids thread start-up costs that dominate on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_randwire(wiring, **kw):
     return build_model(
         "randwire_small", channels=8, nodes=8, wiring=wiring, num_classes=10, stem="small", **kw

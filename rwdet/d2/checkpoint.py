@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.parallel import DistributedDataParallel
 
+from rwdet.atomic import atomic_write
 from rwdet.d2.weights import BACKBONE_PREFIX, META_KEY, safe_load_pickle
 from rwdet.graphs import graphs_fingerprint, graphs_to_dict
 
@@ -47,15 +47,7 @@ def backbone_meta(model) -> dict | None:
 
 
 def _atomic_torch_save(data, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 class RwdetCheckpointer(DetectionCheckpointer):
@@ -156,7 +148,4 @@ class RwdetCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
-        fd, tmp = tempfile.mkstemp(dir=self.save_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(last_filename_basename)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(last_filename_basename), mode="w")

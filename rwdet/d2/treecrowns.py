@@ -26,10 +26,11 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 
 from PIL import Image
+
+from rwdet.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +122,7 @@ def plan(data_dir: str) -> dict[str, list[tuple[str, str, tuple, list]]]:
 
 
 def _write_json(path: str, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(data, f), mode="w")
 
 
 def json_path(root: str, split: str) -> str:

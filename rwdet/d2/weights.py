@@ -13,14 +13,14 @@ Pickles are read with an unpickler that only admits numpy arrays and plain conta
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import tempfile
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
+
+from rwdet.atomic import atomic_write
 
 META_KEY = "rwdet"
 AUTHOR = "rwdet tools/convert_cls_to_d2.py"
@@ -57,19 +57,7 @@ def safe_load_pickle(path: str):
 
 def save_d2_weights(path: str, data: dict) -> None:
     """Write a weights pickle atomically (temp file in the same folder, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    buf = io.BytesIO()
-    pickle.dump(data, buf, protocol=4)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: pickle.dump(data, f, protocol=4))
 
 
 def load_weights_file(path: str) -> dict:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import networkx as nx
 
+from rwdet.atomic import atomic_write
 from rwdet.graphs.dag import random_dag
 
 
@@ -124,12 +124,7 @@ def graphs_from_dict(d: dict) -> dict[str, GraphSpec]:
 
 def save_graphs(path: str, graphs: dict[str, GraphSpec]) -> None:
     """Write a JSON graph artifact atomically (temp file, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(graphs_to_dict(graphs), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(graphs_to_dict(graphs), f, indent=1), mode="w")
 
 
 def load_graphs(path: str) -> dict[str, GraphSpec]:

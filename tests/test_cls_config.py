@@ -79,6 +79,7 @@ def test_demo_command_config():
         ("randwire_c154.yaml", 100, 1e-5, 256),
         ("mobilenetv1_dnw.yaml", 250, 5e-5, 512),
         ("popup_resnet50.yaml", 100, 3.0517578125e-5, 256),
+        ("resnet50.yaml", 100, 1e-4, 256),
     ],
 )
 def test_paper_recipes(recipe, epochs, wd, ref):
@@ -102,7 +103,7 @@ def test_recipe_models_build_with_their_keywords():
     """The non-RandWire recipes pass only keywords their models accept (tiny inputs)."""
     from classification.trainer import build, model_spec
 
-    for recipe in ("mobilenetv1_dnw.yaml", "popup_resnet50.yaml"):
+    for recipe in ("mobilenetv1_dnw.yaml", "popup_resnet50.yaml", "resnet50.yaml"):
         cfg = C.resolve(os.path.join(RECIPES, recipe), {"data": {"root": "/x"}})
         if cfg["model"]["name"] not in list_models():
             continue

@@ -226,3 +226,14 @@ def test_same_parameters_get_gradients_every_step_while_the_wiring_changes(name,
         for a, b in zip(masks[0], masks[step])
     )
     assert changed  # the test is meaningful only if the choice actually moved
+
+
+def test_plain_resnet50_baseline_has_torchvision_layout():
+    import torchvision
+
+    from rwdet.models import build_model
+
+    ours = build_model("resnet50").state_dict()
+    ref = torchvision.models.resnet50().state_dict()
+    assert list(ours) == list(ref)
+    assert all(ours[k].shape == ref[k].shape for k in ref)

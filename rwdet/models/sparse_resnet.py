@@ -52,14 +52,15 @@ def _swap(model: nn.Module, make) -> None:
 
 
 class SparseResNet(nn.Module):
-    """torchvision ResNet whose convs and FC are DNW or edge-popup layers.
+    """torchvision ResNet whose convs and FC are DNW or edge-popup layers (or, with
+    ``mode="dense"``, plain ones: the ResNet-50 baseline trained with rwdet's own recipe).
 
     It adopts the modules of a torchvision ``ResNet`` (so state_dict keys are torchvision's)
     rather than subclassing it: torchvision is imported only when a ResNet is built, which
     keeps ``import rwdet.models`` light.
 
     Args:
-        mode: "dnw" (sparse training) or "popup" (subnetwork of a random network).
+        mode: "dnw" (sparse training), "popup" (subnetwork of a random network) or "dense".
         k: fraction of each layer's weights KEPT.
         init, scale: edge-popup's fixed-weight distribution (``rwdet.nn.sparse_layers``).
         first_layer_dense: keep the stem conv an ordinary dense, learned conv.
@@ -86,8 +87,8 @@ class SparseResNet(nn.Module):
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(body, name))
         self.avgpool, self.fc = body.avgpool, body.fc
-        if mode not in ("dnw", "popup"):
-            raise ValueError(f"mode={mode!r} is not known; use 'dnw' or 'popup'")
+        if mode not in ("dnw", "popup", "dense"):
+            raise ValueError(f"mode={mode!r} is not known; use 'dnw', 'popup' or 'dense'")
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not known; use 'imagenet' or 'small'")
         kept_count(k, 1)  # validates k
@@ -103,7 +104,7 @@ class SparseResNet(nn.Module):
         self.mode, self.k, self.first_layer_dense = mode, float(k), bool(first_layer_dense)
 
         def make(name, m):
-            if name == "conv1" and first_layer_dense:
+            if mode == "dense" or (name == "conv1" and first_layer_dense):
                 return None
             if isinstance(m, nn.Conv2d):
                 if mode == "popup":
@@ -146,6 +147,13 @@ class SparseResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.maxpool(x)))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@register_model("resnet50")
+def resnet50(**kw) -> SparseResNet:
+    """Plain ResNet-50 (torchvision layout): the RandWire Table 3/5 baseline, trained by rwdet's
+    trainer with the same recipe, then converted with ``convert_cls_to_d2.py --to d2-resnet``."""
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "mode": "dense", **kw})
 
 
 @register_model("resnet50_dnw")

@@ -77,6 +77,14 @@ class GraphStage(nn.Module):
             for v in range(n)
         )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        # Each node's in-edge indices, built once (not per step: on a GPU that would be a
+        # host-to-device copy per node): node v's are in_edge_index[slices[v][0]:slices[v][1]].
+        order = [e for v in range(n) for e, _ in self.in_edges[v]]
+        self.register_buffer("in_edge_index", torch.tensor(order, dtype=torch.long), False)
+        starts = [0]
+        for v in range(n):
+            starts.append(starts[-1] + len(self.in_edges[v]))
+        self.slices = list(zip(starts[:-1], starts[1:]))
         # Graph damage (RandWire §4.1, inference only): removed edge indices; a removed node
         # is all of its out-edges plus, for a sink, its place in the output mean.
         self.removed_edges: set[int] = set()
@@ -90,9 +98,11 @@ class GraphStage(nn.Module):
             ins = [(e, u) for e, u in ins if e not in self.removed_edges]
             if not ins:
                 return torch.zeros_like(outs[self.in_edges[v][0][1]])
+            index = torch.tensor([e for e, _ in ins], device=gates.device)
+        else:
+            index = self.in_edge_index[slice(*self.slices[v])]
         if len(ins) == 1 and ins[0][0] in self.gates.unit_edges:
             return outs[ins[0][1]]
-        index = torch.tensor([e for e, _ in ins], device=gates.device)
         return weighted_sum(gates.index_select(0, index), [outs[u] for _, u in ins])
 
     def run_node(self, v: int, x: torch.Tensor, gates: torch.Tensor, *parents: torch.Tensor):

@@ -14,7 +14,7 @@ demo-cls:
 	$(PY) tools/train_cls.py --gen ws
 
 demo-det:
-	@if [ -f tools/demo_det.sh ]; then bash tools/demo_det.sh; fi
+	bash tools/demo_det.sh
 
 test: setup
 	@bash scripts/run_tests.sh

@@ -142,11 +142,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         index, seed = _split_item(item)
         path, target = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")  # forces the full decode: truncation shows up here
-        except Exception as e:  # noqa: BLE001 - any decode failure means "skip this file"
+            loaded = self.load(path)
+        except Exception as e:  # noqa: BLE001 - any read/decode failure means "skip this file"
             return BadSample(path, f"{type(e).__name__}: {e}")
+        return self.finish(loaded, target, index, seed, path)
+
+    def load(self, path: str):
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")  # a full decode: truncation shows up here
+
+    def finish(self, img, target: int, index: int, seed: int | None, path: str):
         with seeded(seed):
             return self.transform(img), target
 

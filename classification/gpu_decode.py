@@ -16,30 +16,24 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from classification.data import IMAGENET_MEAN, IMAGENET_STD, BadSample, _split_item
+from classification.data import IMAGENET_MEAN, IMAGENET_STD, BadSample, ImageFolderDataset
 
 
-class EncodedImageDataset(torch.utils.data.Dataset):
-    """``(file bytes, target, seed)``; decoding is left to ``GpuDecoder``.
+class EncodedImageDataset(ImageFolderDataset):
+    """``(file bytes, target, seed, path)``; decoding is left to ``GpuDecoder``.
 
     Plain ``bytes`` (not tensors) cross the worker boundary: hundreds of small shared-memory
     tensors per batch exhaust file descriptors in the DataLoader's sharing strategy.
     """
 
     def __init__(self, samples, classes):
-        self.samples, self.classes = samples, classes
+        super().__init__(samples, classes, transform=None)
 
-    def __len__(self):
-        return len(self.samples)
+    def load(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
 
-    def __getitem__(self, item):
-        index, seed = _split_item(item)
-        path, target = self.samples[index]
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return BadSample(path, f"{type(e).__name__}: {e}")
+    def finish(self, data: bytes, target: int, index: int, seed: int | None, path: str):
         return data, target, index if seed is None else seed, path
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwdet.models.registry import register_model
+from rwdet.models.registry import register_model, stage_outputs
 from rwdet.nn.choose import dnw_weight, topk_mask
 from rwdet.nn.sparse_layers import DNWLinear
 
@@ -318,16 +318,11 @@ class MobileNetV1DNW(nn.Module):
         return new
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.stem(x)
-        feats = {}
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            feats[name] = x
-        return feats
+        return stage_outputs(self, self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for name in self.stage_names:
+        for name in self.stage_names:  # not forward_features: no dict of live stage outputs
             x = getattr(self, name)(x)
         return self.fc(self.head(x))
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec, check_params, stage_seed
-from rwdet.models.registry import register_model
+from rwdet.models.registry import register_model, stage_outputs
 from rwdet.models.width import matched_channels
 from rwdet.nn.stage import GraphStage
 from rwdet.nn.wiring import get_wiring
@@ -131,13 +131,10 @@ class RandWire(nn.Module):
         _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = {}
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            feats[name] = x
-        return feats
+        return stage_outputs(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Not forward_features: its dict would keep every stage's output alive to the end.
         for name in self.stage_names:
             x = getattr(self, name)(x)
         return self.fc(self.dropout(self.head(x)))

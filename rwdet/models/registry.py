@@ -46,3 +46,12 @@ def get_graphs(model: nn.Module) -> dict[str, GraphSpec]:
     from rwdet.nn.stage import GraphStage
 
     return {name: m.spec for name, m in model.named_modules() if isinstance(m, GraphStage)}
+
+
+def stage_outputs(model: nn.Module, x) -> dict:
+    """Run ``model.stage_names`` in order; every stage's output by name (for FPN and heads)."""
+    feats = {}
+    for name in model.stage_names:
+        x = getattr(model, name)(x)
+        feats[name] = x
+    return feats

@@ -8,6 +8,12 @@ over rounds. Ratios are taken against torchvision ResNet-50 measured in the same
   python benchmarks/train_step.py                       # CPU, batch 16, 224px, fp32
   python benchmarks/train_step.py --device cuda --batch 128 --amp bf16 --channels-last
   python benchmarks/train_step.py --models randwire_c109 resnet50 --rounds 3 --json out.json
+  python benchmarks/train_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+
+Model specs: ``name[:wiring][+option...]`` with options ``unfused`` (the node-by-node reference
+path, ``fused=False``) and ``recompute`` (per-node checkpointing, implies ``unfused``).
+CPU peak RSS includes what the C allocator keeps: ``--preload`` runs every model under the same
+other allocator (e.g. tcmalloc, as PyTorch's CPU tuning guide suggests).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ BASELINE = "resnet50"
 DEFAULT_MODELS = [
     "resnet50",
     "randwire_c109",
-    "randwire_c109+recompute",
+    "randwire_c109+unfused",
     "randwire_small",
     "mobilenet_v2",
     "randwire_c154",
@@ -40,20 +46,23 @@ DEFAULT_MODELS = [
 
 
 def build(spec: str, overrides: dict):
-    """``name[:wiring][+recompute]``; torchvision names (resnet50, mobilenet_v2) are baselines."""
+    """``name[:wiring][+option...]``; torchvision names (resnet50, mobilenet_v2) are baselines."""
     import torchvision
 
     from rwdet.models import build_model, list_models
 
-    spec, plus, _ = spec.partition("+recompute")
+    spec, *options = spec.split("+")
     name, _, wiring = spec.partition(":")
     if name in ("resnet50", "mobilenet_v2"):
         return getattr(torchvision.models, name)()
     if name not in list_models():
         return None
     kwargs = dict(overrides)
-    if plus:
-        kwargs["recompute"] = True
+    for opt in options:
+        if opt not in ("unfused", "recompute"):
+            raise ValueError(f"model option +{opt} is not known; use +unfused or +recompute")
+        kwargs["fused"] = False
+        kwargs["recompute"] = kwargs.get("recompute", False) or opt == "recompute"
     if wiring:
         kwargs["wiring"] = wiring
     return build_model(name, **kwargs)
@@ -129,7 +138,10 @@ def run_worker(spec: str, args) -> dict:
         cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.channels_last:
         cmd.append("--channels-last")
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.preload:
+        env["LD_PRELOAD"] = args.preload
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"model": spec, "error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -168,6 +180,7 @@ def environment(args) -> dict:
         "size": args.size,
         "amp": args.amp,
         "channels_last": args.channels_last,
+        "preload": args.preload or None,
     }
     if args.device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
@@ -187,6 +200,7 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--overrides", default="{}", help="JSON kwargs for rwdet models")
+    p.add_argument("--preload", default="", help="allocator library LD_PRELOADed into each model")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

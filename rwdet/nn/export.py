@@ -76,8 +76,7 @@ def prune_stage(stage: GraphStage) -> GraphStage:
         gates=FixedGates(spec.edges, torch.tensor([edges[e] for e in spec.edges])),
     )
     new.nodes = nn.ModuleList(copy.deepcopy(stage.nodes[v]) for v in keep)
-    if hasattr(stage, "recompute"):
-        new.recompute = stage.recompute
+    new.recompute, new.fused = stage.recompute, stage.fused
     if [keep[s] for s in new.sinks] != list(stage.sinks):
         raise RuntimeError("exported stage changed the stage outputs; please report this bug")
     return new

@@ -11,6 +11,7 @@ from torch import nn
 
 from rwdet.graphs import GraphSpec
 from rwdet.nn.aggregate import weighted_sum
+from rwdet.nn.fused import fusable, fused_stage
 from rwdet.nn.gates import EdgeGates, StaticGates
 from rwdet.nn.node_ops import build_node_op
 from rwdet.nn.recompute import checkpointed, wants_recompute
@@ -27,8 +28,11 @@ class GraphStage(nn.Module):
     - The stage output is the unweighted mean of the sinks.
     - Nodes run in index order (a topological order, since every edge has ``u < v``) and each
       output is released as soon as its last child has consumed it.
-    - ``recompute=True`` keeps only node outputs for backward and rebuilds each node's
-      intermediates during backward (``rwdet.nn.recompute``): same results, far less memory.
+    - Training memory: with ``fused=True`` (default) a stage of plain sepconv nodes runs as one
+      autograd op that keeps one tensor per node for backward (``rwdet.nn.fused``), not four.
+      Other node ops, DNW/popup layer types and frozen BN run node by node; there
+      ``recompute=True`` checkpoints each node (``rwdet.nn.recompute``). Both give the
+      reference path's results; ``fused=False, recompute=False`` is that reference.
     """
 
     def __init__(
@@ -42,10 +46,12 @@ class GraphStage(nn.Module):
         conv_layer=nn.Conv2d,
         norm_layer=nn.BatchNorm2d,
         recompute: bool = False,
+        fused: bool = True,
     ):
         super().__init__()
         self.spec = spec
         self.recompute = recompute
+        self.fused = fused
         self.gates = gates if gates is not None else StaticGates(spec.edges)
         edges = self.gates.edges
         n = spec.n
@@ -90,6 +96,17 @@ class GraphStage(nn.Module):
         self.removed_edges: set[int] = set()
         self.removed_nodes: set[int] = set()
 
+    def _use_fused(self) -> bool:
+        # Under torch.compile the traceable node-by-node path is used (compile fuses it).
+        return (
+            self.fused
+            and self.training
+            and torch.is_grad_enabled()
+            and not self.removed_edges
+            and not torch.compiler.is_compiling()
+            and all(fusable(op) for op in self.nodes)
+        )
+
     def aggregate(self, v: int, x: torch.Tensor, outs: dict, gates: torch.Tensor):
         ins = self.in_edges[v]
         if not ins:
@@ -111,6 +128,8 @@ class GraphStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gates = self.gates()
+        if self._use_fused():
+            return fused_stage(self, x, gates)
         outs: dict[int, torch.Tensor] = {}
         recompute = wants_recompute(self.recompute, self)
         for v, node in enumerate(self.nodes):

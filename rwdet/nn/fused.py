@@ -1,0 +1,289 @@
+"""A whole sepconv stage as one autograd op that keeps one tensor per node for backward.
+
+Autograd run node by node keeps four activations per RandWire node (ReLU output, depthwise
+output, pointwise output, BN output). Backward needs less:
+
+- BN backward needs its input ``C_v`` (the pointwise output) and the batch statistics: kept.
+- The node output ``Z_v = BN(C_v)`` is one per-channel multiply-add of ``C_v``: rebuilt when a
+  child's backward needs it (then cached until the parent's last child is done).
+- The aggregation ``I_v = sum g_u Z_u``, its ReLU and the 3x3 depthwise conv are cheap (a few
+  memory passes and 9 MACs per element, against the pointwise conv's ``C`` MACs per element):
+  recomputed in the node's backward. The pointwise conv, the expensive part, never runs twice.
+
+So a stage keeps ``C_v`` per node (one tensor, exact in any dtype) instead of four, and the
+backward also fuses what autograd does in steps: a parent's gradient is accumulated in place as
+``grad_Z_u += g_uv * grad_I_v`` (no per-edge temporary), and ``dL/dg_uv = <Z_u, grad_I_v>``.
+
+BN running statistics are updated once, in forward, exactly as ``nn.BatchNorm2d`` does.
+``GraphStage`` uses this path when every node is a plain sepconv op (``nn.Conv2d`` +
+``nn.BatchNorm2d`` in training mode) and gradients are on; everything else (other node ops,
+DNW/popup layer types, frozen BN, inference) runs the reference node-by-node path. Equivalence
+to that path — outputs, every gradient, BN buffers — is tested on ER, BA and WS graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from rwdet.nn.aggregate import _dot
+from rwdet.nn.node_ops import SepConvOp
+
+
+@dataclass
+class StagePlan:
+    """What the op needs to know about a stage besides tensors (built by ``GraphStage``)."""
+
+    in_edges: list[list[tuple[int, int]]]  # per node: [(edge index, parent), ...]
+    sinks: list[int]
+    release_after: list[list[int]]  # forward: parents whose last child is this node
+    stride: int
+    bn_eps: list[float]
+    bn_factor: list[float]  # running-stat update factor of each node's BN this step
+    running: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # (mean, var) per node
+    unit_edges: frozenset[int]  # edges whose gate is identically 1
+
+    def first_child(self) -> dict[int, int]:
+        """Parent -> its smallest-index child: in backward, the last child to need ``Z_u``."""
+        first: dict[int, int] = {}
+        for v, ins in enumerate(self.in_edges):
+            for _, u in ins:
+                first[u] = min(first.get(u, v), v)
+        return first
+
+
+def fusable(op: nn.Module) -> bool:
+    """A node op the fused path computes exactly: plain sepconv with a training-mode BN."""
+    if type(op) is not SepConvOp:
+        return False
+    _, dw, pw, bn = op
+    return (
+        type(dw) is nn.Conv2d
+        and type(pw) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and bn.training
+        and dw.bias is None
+        and pw.bias is None
+        and dw.padding_mode == "zeros"
+    )
+
+
+def bn_factor(bn: nn.BatchNorm2d) -> float:
+    """Count the step and return the running-stat factor, as ``_BatchNorm.forward`` does."""
+    if not bn.track_running_stats:
+        return 0.0
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum
+
+
+def _bn_apply(c, mean, invstd, weight, bias):
+    """``Z = BN(C)`` again from the saved batch statistics (eval-mode BN with ``var = invstd^-2``
+    and ``eps = 0``): per-channel math in fp32 even for bf16/fp16 ``C``, as in the forward."""
+    return torch.batch_norm(c, weight, bias, mean, invstd.pow(-2), False, 0.0, 0.0, True)
+
+
+def _aggregate(parents, w):
+    out = parents[0] * w[0]
+    for z, wi in zip(parents[1:], w[1:]):
+        out.addcmul_(z, wi)
+    return out
+
+
+def _run_nodes(plan: StagePlan, x, g, params, bn, dtypes=None):
+    """The stage's forward math; returns every node's ``C_v`` and the stage output.
+
+    ``bn(v, C_v)`` gives ``Z_v``. ``dtypes`` (per node) casts conv inputs explicitly, for reruns
+    outside the forward's autocast state.
+    """
+    outs: dict[int, torch.Tensor] = {}
+    keep = []
+    for v, ins in enumerate(plan.in_edges):
+        dw, pw = params[4 * v], params[4 * v + 1]
+        if ins:
+            parents = [outs[u] for _, u in ins]
+            a = _aggregate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
+        else:
+            a = F.relu(x)
+        if dtypes is not None:
+            a, dw, pw = a.to(dtypes[v]), dw.to(dtypes[v]), pw.to(dtypes[v])
+        s = plan.stride if not ins else 1
+        b = F.conv2d(a, dw, stride=s, padding=1, groups=dw.shape[0])
+        del a
+        c = F.conv2d(b, pw)
+        del b
+        keep.append(c)
+        outs[v] = bn(v, c)
+        for u in plan.release_after[v]:
+            del outs[u]
+    # The mean of the sinks, summed in the reference path's order.
+    out = outs[plan.sinks[0]]
+    if len(plan.sinks) > 1:
+        out = out + outs[plan.sinks[1]]
+        for s in plan.sinks[2:]:
+            out.add_(outs[s])
+        out.div_(len(plan.sinks))
+    return keep, out
+
+
+class SepConvStage(torch.autograd.Function):
+    """Inputs: ``plan, x, gates, *params`` with params ``(dw, pw, bn_weight, bn_bias)`` per node."""
+
+    @staticmethod
+    def forward(ctx, plan: StagePlan, x, gates, *params):
+        stats = []
+
+        def bn(v, c):
+            rm, rv = plan.running[v]
+            z, mean, invstd = torch.native_batch_norm(
+                c, params[4 * v + 2], params[4 * v + 3], rm, rv, True, plan.bn_factor[v],
+                plan.bn_eps[v],
+            )  # fmt: skip
+            stats.extend((mean, invstd))
+            return z
+
+        keep, out = _run_nodes(plan, x, gates.detach().unbind(), params, bn)
+        ctx.plan, ctx.conv_dtypes = plan, [c.dtype for c in keep]
+        ctx.save_for_backward(x, gates, *params, *stats)
+        # Not ``save_for_backward``: backward drops each C_v as soon as its node is done, which
+        # a saved tensor cannot do (it lives until the whole op's backward returns).
+        ctx.keep = keep
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        plan: StagePlan = ctx.plan
+        n = len(plan.in_edges)
+        x, gates, *rest = ctx.saved_tensors
+        params, stats = rest[: 4 * n], rest[4 * n :]
+        need = ctx.needs_input_grad
+        g = gates.detach().unbind()
+        keep, ctx.keep = ctx.keep, None
+        if keep is None:  # a second backward (retain_graph=True): rebuild C from the input
+            keep, _ = _run_nodes(
+                plan, x, g, params,
+                lambda v, c: _bn_apply(c, stats[2 * v], stats[2 * v + 1], *params[4 * v + 2 :][:2]),
+                ctx.conv_dtypes,
+            )  # fmt: skip
+        first_child = plan.first_child()
+        cache: dict[int, torch.Tensor] = {}
+
+        def z_of(u):
+            if u not in cache:
+                bw, bb = params[4 * u + 2], params[4 * u + 3]
+                cache[u] = _bn_apply(keep[u], stats[2 * u], stats[2 * u + 1], bw, bb)
+            return cache[u]
+
+        # grads[v] = (tensor, owned): owned buffers are accumulated in place; the sinks share
+        # one (read-only) tensor until something is added to it.
+        share = grad_out / len(plan.sinks) if len(plan.sinks) > 1 else grad_out
+        grads: dict[int, tuple[torch.Tensor, bool]] = {s: (share, False) for s in plan.sinks}
+
+        def accumulate(u, t, scale):
+            """``grad_Z_u += scale * t``; ``scale=None`` (a unit edge) hands ``t`` over whole."""
+            buf, owned = grads.get(u, (None, False))
+            if buf is None:
+                grads[u] = (t, True) if scale is None else (t * scale, True)
+            elif owned:
+                buf.add_(t) if scale is None else buf.addcmul_(t, scale)
+            else:
+                grads[u] = (buf + t if scale is None else torch.addcmul(buf, t, scale), True)
+
+        grad_params: list[torch.Tensor | None] = [None] * (4 * n)
+        grad_gates = torch.zeros_like(gates) if need[2] else None
+        grad_x = None
+        for v in reversed(range(n)):
+            dw, pw, bw, bb = params[4 * v : 4 * v + 4]
+            ins = plan.in_edges[v]
+            # Recompute the node's input side: aggregation, ReLU, depthwise conv.
+            if ins:
+                parents = [z_of(u) for _, u in ins]
+                a = _aggregate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
+            else:
+                parents = []
+                a = F.relu(x)
+            s = plan.stride if not ins else 1
+            cdt = ctx.conv_dtypes[v]
+            a_c, dw_c, pw_c = a.to(cdt), dw.to(cdt), pw.to(cdt)
+            b = F.conv2d(a_c, dw_c, stride=s, padding=1, groups=dw.shape[0])
+            gz, _ = grads.pop(v)
+            rm, rv = plan.running[v]
+            grad_c, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
+                gz.to(keep[v].dtype),
+                keep[v],
+                bw,
+                rm,
+                rv,
+                stats[2 * v],
+                stats[2 * v + 1],
+                True,
+                plan.bn_eps[v],
+                [
+                    True,
+                    bw is not None and need[3 + 4 * v + 2],
+                    bb is not None and need[3 + 4 * v + 3],
+                ],
+            )
+            del gz
+            keep[v] = None
+            grad_b, grad_pw, _ = torch.ops.aten.convolution_backward(
+                grad_c, b, pw_c, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [True, need[3 + 4 * v + 1], False],
+            )  # fmt: skip
+            del b, grad_c
+            grad_a, grad_dw, _ = torch.ops.aten.convolution_backward(
+                grad_b, a_c, dw_c, None, [s, s], [1, 1], [1, 1], False, [0, 0], dw.shape[0],
+                [True, need[3 + 4 * v], False],
+            )  # fmt: skip
+            del grad_b, a_c
+            grad_i = torch.ops.aten.threshold_backward(grad_a.to(a.dtype), a, 0)
+            del grad_a, a
+            for j, gp in enumerate((grad_dw, grad_pw, grad_bw, grad_bb)):
+                if gp is not None:
+                    grad_params[4 * v + j] = gp.to(params[4 * v + j].dtype)
+            if not ins:
+                if need[1]:
+                    grad_x = grad_i if grad_x is None else grad_x.add_(grad_i)
+                continue
+            for (e, u), z in zip(ins, parents):
+                if e in plan.unit_edges:  # gate identically 1: no gradient, no multiply
+                    accumulate(u, grad_i, None)
+                    continue
+                if grad_gates is not None:
+                    grad_gates[e] = _dot(grad_i, z).to(gates.dtype)
+                accumulate(u, grad_i, g[e].to(grad_i.dtype))
+            del parents, grad_i
+            for _, u in ins:
+                if first_child[u] == v:
+                    cache.pop(u, None)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        return (None, grad_x, grad_gates, *grad_params)
+
+
+def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Run ``stage`` (a ``GraphStage`` whose nodes are all ``fusable``) through the fused op."""
+    params, eps, factor, running = [], [], [], []
+    for op in stage.nodes:
+        _, dw, pw, bn = op
+        params += [dw.weight, pw.weight, bn.weight, bn.bias]
+        eps.append(bn.eps)
+        factor.append(bn_factor(bn))
+        running.append((bn.running_mean, bn.running_var))
+    plan = StagePlan(
+        stage.in_edges,
+        stage.sinks,
+        stage.release_after,
+        stage.stride,
+        eps,
+        factor,
+        running,
+        stage.gates.unit_edges,
+    )
+    return SepConvStage.apply(plan, x, gates, *params)

@@ -1,0 +1,223 @@
+"""Optimised execution paths give the reference path's outputs, gradients and BN statistics.
+
+Reference: ``GraphStage(fused=False, recompute=False)`` (plain autograd, node by node).
+Optimised: per-node checkpointing (``recompute``) and the fused stage op (``fused``).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from rwdet.graphs import GraphSpec
+from rwdet.models import build_model
+from rwdet.nn import GraphStage
+
+GRAPHS = [("er", {"p": 0.3}), ("ba", {"m": 3}), ("ws", {"k": 4, "p": 0.75})]
+PATHS = {"recompute": {"recompute": True}, "fused": {"fused": True}}
+
+
+def _stage_pair(gen, params, path):
+    torch.manual_seed(0)
+    spec = GraphSpec.generate(gen, 10, 3, **params)
+    ref = GraphStage(spec, 3, 6, stride=2, fused=False)
+    with torch.no_grad():
+        ref.gates.weight.normal_()
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):  # away from the (1, 0) init
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    ref.nodes[1][3].momentum = None  # cumulative running average
+    opt = copy.deepcopy(ref)
+    for k, v in PATHS[path].items():
+        setattr(opt, k, v)
+    return ref, opt
+
+
+def _close(a, b, rtol=1e-4, msg=None):
+    """Elementwise ``rtol`` plus an absolute slack of ``rtol`` times the tensor's largest value:
+    fp32 sums of hundreds of products differ in their last bits from one order to another."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * a.abs().max().item() + 1e-7, msg=msg)
+
+
+def _assert_same_training_step(ref, opt, x, rtol=1e-4):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa), opt(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    _close(xa.grad, xb.grad, rtol)
+    for (name, pa), (_, pb) in zip(ref.named_parameters(), opt.named_parameters()):
+        _close(pa.grad, pb.grad, rtol, msg=name)
+    # Running statistics updated exactly once, as in the reference.
+    for (name, ba), (_, bb) in zip(ref.named_buffers(), opt.named_buffers()):
+        torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-7, msg=name)
+    return yb
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("gen,params", GRAPHS)
+def test_stage_matches_reference(gen, params, path):
+    ref, opt = _stage_pair(gen, params, path)
+    for step in range(2):  # the second step starts from updated running statistics
+        y = _assert_same_training_step(ref, opt, torch.randn(4, 3, 12, 12))
+    assert ("SepConvStage" in type(y.grad_fn).__name__) == (path == "fused")
+
+
+@pytest.mark.parametrize("gen,params", GRAPHS)
+def test_fused_stage_matches_reference_channels_last(gen, params):
+    ref, opt = _stage_pair(gen, params, "fused")
+    ref.to(memory_format=torch.channels_last)
+    opt.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 12, 12).to(memory_format=torch.channels_last)
+    y = _assert_same_training_step(ref, opt, x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_stage_gradcheck():
+    torch.manual_seed(0)
+    spec = GraphSpec.generate("ws", 5, 1, k=2, p=0.5)
+    stage = GraphStage(spec, 2, 3, stride=1).double()
+    with torch.no_grad():
+        stage.gates.weight.normal_()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.double, requires_grad=True)
+    assert "SepConvStage" in type(stage(x).grad_fn).__name__
+    # nondet_tol: a repeated backward rebuilds the freed activations (same math, other rounding).
+    assert torch.autograd.gradcheck(stage, (x,), nondet_tol=1e-10)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_model_matches_reference_with_edge_drop(path):
+    kw = {"channels": 8, "nodes": 10, "stem": "small", "head_channels": 16, "edge_drop": 0.5}
+    torch.manual_seed(0)
+    ref = build_model("randwire_c109", fused=False, **kw)
+    opt = build_model("randwire_c109", **{**kw, "fused": False, **PATHS[path]})
+    opt.load_state_dict(ref.state_dict())
+    _assert_same_model_step(ref, opt)
+
+
+def _assert_same_model_step(ref, opt, rtol=1e-4):
+    ref.train(), opt.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(5)
+    la = ref(x).square().mean()
+    torch.manual_seed(5)
+    lb = opt(x).square().mean()
+    torch.testing.assert_close(la, lb)
+    la.backward(), lb.backward()
+    for (name, pa), (_, pb) in zip(ref.named_parameters(), opt.named_parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, name
+            continue
+        _close(pa.grad, pb.grad, rtol, msg=name)
+
+
+def test_fused_dnw_model_matches_reference():
+    """DNW-on-RandWire uses plain layers, so it runs fused; hallucinated edges get gradients."""
+    kw = {"channels": 8, "nodes": 8, "stem": "small", "head_channels": 16, "wiring": "dnw"}
+    torch.manual_seed(0)
+    ref = build_model("randwire_small", fused=False, **kw)
+    opt = build_model("randwire_small", **kw)
+    opt.load_state_dict(ref.state_dict())
+    _assert_same_model_step(ref, opt)
+    assert "SepConvStage" in type(opt.conv3(torch.randn(2, 8, 8, 8)).grad_fn).__name__
+
+
+def test_fused_bf16_autocast_as_accurate_as_reference():
+    """Under bf16 autocast both paths round differently; each must be as close to fp64."""
+    ref, opt = _stage_pair("ws", {"k": 4, "p": 0.75}, "fused")
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(4, 3, 12, 12)
+    xa, xb, xc = (x.clone().double() if i == 2 else x.clone() for i in range(3))
+    for t in (xa, xb, xc):
+        t.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = ref(xa), opt(xb)
+    assert ya.dtype == yb.dtype == torch.bfloat16
+    yc = exact(xc)
+    g = torch.randn_like(yc)
+    ya.backward(g.to(ya.dtype)), yb.backward(g.to(yb.dtype)), yc.backward(g)
+
+    def err(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert err(yb, yc) <= 1.05 * err(ya, yc) + 1e-3
+    assert err(xb.grad, xc.grad) <= 1.1 * err(xa.grad, xc.grad) + 1e-3
+    for (name, pa), (_, pb), (_, pc) in zip(
+        ref.named_parameters(), opt.named_parameters(), exact.named_parameters()
+    ):
+        assert pb.grad.dtype == pb.dtype, name
+        assert err(pb.grad, pc.grad) <= 1.25 * err(pa.grad, pc.grad) + 1e-2, name
+
+
+def test_fused_path_keeps_one_tensor_per_node():
+    """Saved for backward: the reference keeps ~4 activations per node, the fused op 1."""
+    ref, opt = _stage_pair("ws", {"k": 4, "p": 0.75}, "fused")
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    node_bytes = 4 * 6 * 8 * 8 * 4  # batch x channels x 8 x 8 x fp32
+
+    def saved_bytes(stage):
+        seen = {}
+
+        def pack(t):
+            if t.dim() == 4 and t.shape[0] == 4:  # activations, not weights/statistics/gates
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = stage(x)
+        for c in getattr(y.grad_fn, "keep", None) or []:
+            seen[c.untyped_storage().data_ptr()] = c.untyped_storage().nbytes()
+        seen.pop(x.untyped_storage().data_ptr(), None)
+        weights = {p.untyped_storage().data_ptr() for p in stage.parameters()}
+        return sum(b for ptr, b in seen.items() if ptr not in weights)
+
+    n = ref.spec.n
+    assert saved_bytes(opt) == n * node_bytes
+    assert saved_bytes(ref) >= 3 * n * node_bytes
+
+
+def test_fused_backward_twice_matches_reference():
+    """retain_graph=True: the second backward rebuilds the freed activations from the input."""
+    ref, opt = _stage_pair("er", {"p": 0.3}, "fused")
+    x = torch.randn(2, 3, 8, 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa).square().sum(), opt(xb).square().sum()
+    for retain in (True, False):
+        ya.backward(retain_graph=retain)
+        yb.backward(retain_graph=retain)
+    _close(xa.grad, xb.grad)
+    for (name, pa), (_, pb) in zip(ref.named_parameters(), opt.named_parameters()):
+        _close(pa.grad, pb.grad, msg=name)
+
+
+def test_unfusable_stages_run_node_by_node():
+    spec = GraphSpec.generate("ws", 6, 1, k=2, p=0.5)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    conv_op = GraphStage(spec, 3, 4, node_op="conv")
+    assert "SepConvStage" not in type(conv_op(x).grad_fn).__name__
+    stage = GraphStage(spec, 3, 4)
+    stage.nodes[2][3].eval()  # a frozen BN anywhere: reference path
+    assert "SepConvStage" not in type(stage(x).grad_fn).__name__
+    stage.train()
+    with torch.no_grad():
+        assert stage(x).grad_fn is None
+    popup = build_model("randwire_small", channels=8, nodes=6, stem="small", wiring="popup")
+    popup.train()
+    assert "SepConvStage" not in type(popup.conv3(torch.randn(2, 8, 8, 8)).grad_fn).__name__
+
+
+def test_weighted_sum_matches_naive_and_gradcheck():
+    from rwdet.nn.aggregate import weighted_sum
+
+    torch.manual_seed(0)
+    w = torch.randn(3, dtype=torch.double, requires_grad=True)
+    zs = [torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True) for _ in range(3)]
+    naive = sum(wi * z for wi, z in zip(w, zs))
+    torch.testing.assert_close(weighted_sum(w, zs), naive)
+    assert torch.autograd.gradcheck(lambda w, *z: weighted_sum(w, list(z)), (w, *zs))
+    # channels_last inputs take the dot-product path without copies and agree too.
+    zc = [z.detach().to(memory_format=torch.channels_last).requires_grad_() for z in zs]
+    assert torch.autograd.gradcheck(lambda w, *z: weighted_sum(w, list(z)), (w, *zc))

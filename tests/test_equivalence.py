@@ -61,7 +61,7 @@ def _assert_same_training_step(ref, opt, x, rtol=1e-4):
 @pytest.mark.parametrize("gen,params", GRAPHS)
 def test_stage_matches_reference(gen, params, path):
     ref, opt = _stage_pair(gen, params, path)
-    for step in range(2):  # the second step starts from updated running statistics
+    for _ in range(2):  # the second step starts from updated running statistics
         y = _assert_same_training_step(ref, opt, torch.randn(4, 3, 12, 12))
     assert ("SepConvStage" in type(y.grad_fn).__name__) == (path == "fused")
 

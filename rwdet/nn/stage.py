@@ -97,13 +97,14 @@ class GraphStage(nn.Module):
         self.removed_nodes: set[int] = set()
 
     def _use_fused(self) -> bool:
-        # Under torch.compile the traceable node-by-node path is used (compile fuses it).
+        # Tracers (torch.compile, jit.trace as in fvcore's FLOP count) get the node-by-node path.
         return (
             self.fused
             and self.training
             and torch.is_grad_enabled()
             and not self.removed_edges
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and all(fusable(op) for op in self.nodes)
         )
 

@@ -22,14 +22,19 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum()
 
 
+def accumulate(inputs, w) -> torch.Tensor:
+    """``sum w_i * Z_i`` into one new tensor; ``w`` are 0-d tensors (not Python floats: no
+    host-device sync per node on a GPU)."""
+    out = inputs[0] * w[0]
+    for z, wi in zip(inputs[1:], w[1:]):
+        out.addcmul_(z, wi)
+    return out
+
+
 class WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        # 0-d weight tensors (not Python floats): no host-device sync per node on a GPU.
-        w = weights.detach().to(inputs[0].dtype).unbind()
-        out = inputs[0] * w[0]
-        for z, wi in zip(inputs[1:], w[1:]):
-            out.addcmul_(z, wi)
+        out = accumulate(inputs, weights.detach().to(inputs[0].dtype).unbind())
         ctx.save_for_backward(weights, *inputs)
         return out
 

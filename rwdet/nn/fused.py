@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from rwdet.nn.aggregate import _dot
+from rwdet.nn.aggregate import _dot, accumulate
 from rwdet.nn.node_ops import SepConvOp
 
 
@@ -88,13 +88,6 @@ def _bn_apply(c, mean, invstd, weight, bias):
     return torch.batch_norm(c, weight, bias, mean, invstd.pow(-2), False, 0.0, 0.0, True)
 
 
-def _aggregate(parents, w):
-    out = parents[0] * w[0]
-    for z, wi in zip(parents[1:], w[1:]):
-        out.addcmul_(z, wi)
-    return out
-
-
 def _run_nodes(plan: StagePlan, x, g, params, bn, dtypes=None):
     """The stage's forward math; returns every node's ``C_v`` and the stage output.
 
@@ -107,7 +100,7 @@ def _run_nodes(plan: StagePlan, x, g, params, bn, dtypes=None):
         dw, pw = params[4 * v], params[4 * v + 1]
         if ins:
             parents = [outs[u] for _, u in ins]
-            a = _aggregate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
+            a = accumulate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
         else:
             a = F.relu(x)
         if dtypes is not None:
@@ -185,7 +178,7 @@ class SepConvStage(torch.autograd.Function):
         share = grad_out / len(plan.sinks) if len(plan.sinks) > 1 else grad_out
         grads: dict[int, tuple[torch.Tensor, bool]] = {s: (share, False) for s in plan.sinks}
 
-        def accumulate(u, t, scale):
+        def add_grad(u, t, scale):
             """``grad_Z_u += scale * t``; ``scale=None`` (a unit edge) hands ``t`` over whole."""
             buf, owned = grads.get(u, (None, False))
             if buf is None:
@@ -204,7 +197,7 @@ class SepConvStage(torch.autograd.Function):
             # Recompute the node's input side: aggregation, ReLU, depthwise conv.
             if ins:
                 parents = [z_of(u) for _, u in ins]
-                a = _aggregate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
+                a = accumulate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
             else:
                 parents = []
                 a = F.relu(x)
@@ -253,11 +246,11 @@ class SepConvStage(torch.autograd.Function):
                 continue
             for (e, u), z in zip(ins, parents):
                 if e in plan.unit_edges:  # gate identically 1: no gradient, no multiply
-                    accumulate(u, grad_i, None)
+                    add_grad(u, grad_i, None)
                     continue
                 if grad_gates is not None:
                     grad_gates[e] = _dot(grad_i, z).to(gates.dtype)
-                accumulate(u, grad_i, g[e].to(grad_i.dtype))
+                add_grad(u, grad_i, g[e].to(grad_i.dtype))
             del parents, grad_i
             for _, u in ins:
                 if first_child[u] == v:

@@ -115,6 +115,7 @@ def worker(args) -> dict:
         if dev.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
+    choice = choice_seconds(model, args.iters, sync)
     model.eval()
     infer = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
@@ -123,13 +124,44 @@ def worker(args) -> dict:
             model(x)
             sync()
             infer.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
     return {
         "model": args.worker,
-        "step_s": statistics.median(times),
+        "step_s": step_s,
         "peak_bytes": int(peak),
         "infer_img_s": args.batch / statistics.median(infer),
-        "train_img_s": args.batch / statistics.median(times),
+        "train_img_s": args.batch / step_s,
+        **({} if choice is None else {"choice_s": choice, "choice_share": choice / step_s}),
     }
+
+
+def choice_seconds(model, iters: int, sync) -> float | None:
+    """Median time of one step's edge choice (every top-k over magnitudes or scores), or None
+    for models that choose nothing.
+
+    Every layer or graph that picks its edges per step exposes ``kept_mask()``: the ``abs``,
+    ``topk`` and scatter it runs in forward. The straight-through backward adds no choice
+    work, and applying the mask (``w * mask``) is counted in the step, not here.
+    """
+    import torch
+
+    choosers = [m for m in model.modules() if chooses_per_step(m)]
+    if not choosers:
+        return None
+    times = []
+    with torch.no_grad():
+        for _ in range(max(3, iters)):
+            t = time.perf_counter()
+            for m in choosers:
+                m.kept_mask()
+            sync()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def chooses_per_step(module) -> bool:
+    """True for modules whose edges are re-chosen every step (not fixed random wirings)."""
+    return hasattr(module, "kept_mask") and getattr(module, "wiring", "dnw") == "dnw"
 
 
 def run_worker(spec: str, args) -> dict:
@@ -158,8 +190,9 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
             rows.append({"model": model, "note": runs[0].get("skipped") or runs[0].get("error")})
             continue
         row = {"model": model}
-        for key in ("step_s", "peak_bytes", "infer_img_s", "train_img_s"):
-            row[key] = statistics.median(r[key] for r in ok)
+        for key in ("step_s", "peak_bytes", "infer_img_s", "train_img_s", "choice_share"):
+            if key in ok[0]:
+                row[key] = statistics.median(r[key] for r in ok)
         if base_step:
             row["step_ratio"] = row["step_s"] / base_step
             row["peak_ratio"] = row["peak_bytes"] / base_peak
@@ -213,7 +246,10 @@ def main(argv=None):
             results[m].append(run_worker(m, args))
             print(f"round {r + 1}/{args.rounds} {m}: {results[m][-1]}", file=sys.stderr)
     rows = summarize(results)
-    print(f"{'model':<24}{'step s':>9}{'x R50':>7}{'peak MiB':>10}{'x R50':>7}{'infer img/s':>13}")
+    print(
+        f"{'model':<24}{'step s':>9}{'x R50':>7}{'peak MiB':>10}{'x R50':>7}{'infer img/s':>13}"
+        f"{'choice %':>10}"
+    )
     for row in rows:
         if "step_s" not in row:
             print(f"{row['model']:<24}  {row['note']}")
@@ -222,6 +258,7 @@ def main(argv=None):
             f"{row['model']:<24}{row['step_s']:>9.3f}{row.get('step_ratio', float('nan')):>7.2f}"
             f"{row['peak_bytes'] / 2**20:>10.0f}{row.get('peak_ratio', float('nan')):>7.2f}"
             f"{row['infer_img_s']:>13.1f}"
+            + (f"{100 * row['choice_share']:>10.2f}" if "choice_share" in row else "")
         )
     if args.json:
         with open(args.json, "w") as f:

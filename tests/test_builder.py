@@ -128,6 +128,8 @@ def test_outputs_released_after_last_consumer():
     for v, lst in enumerate(stage.release_after):
         for u in lst:
             assert max(w for a, w in spec.edges if a == u) == v
+    # Backward runs in reverse: the smallest child is the last to read a parent's output.
+    assert stage.first_use == {u: min(w for a, w in spec.edges if a == u) for u, _ in spec.edges}
 
 
 @pytest.mark.parametrize("name", ["randwire_small", "randwire_c109"])

@@ -46,14 +46,7 @@ class StagePlan:
     bn_factor: list[float]  # running-stat update factor of each node's BN this step
     running: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # (mean, var) per node
     unit_edges: frozenset[int]  # edges whose gate is identically 1
-
-    def first_child(self) -> dict[int, int]:
-        """Parent -> its smallest-index child: in backward, the last child to need ``Z_u``."""
-        first: dict[int, int] = {}
-        for v, ins in enumerate(self.in_edges):
-            for _, u in ins:
-                first[u] = min(first.get(u, v), v)
-        return first
+    first_use: dict[int, int]  # parent -> smallest child: the last to need Z_u in backward
 
 
 def fusable(op: nn.Module) -> bool:
@@ -164,7 +157,6 @@ class SepConvStage(torch.autograd.Function):
                 lambda v, c: _bn_apply(c, stats[2 * v], stats[2 * v + 1], *params[4 * v + 2 :][:2]),
                 ctx.conv_dtypes,
             )  # fmt: skip
-        first_child = plan.first_child()
         cache: dict[int, torch.Tensor] = {}
 
         def z_of(u):
@@ -253,7 +245,7 @@ class SepConvStage(torch.autograd.Function):
                 add_grad(u, grad_i, g[e].to(grad_i.dtype))
             del parents, grad_i
             for _, u in ins:
-                if first_child[u] == v:
+                if plan.first_use[u] == v:
                     cache.pop(u, None)
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
@@ -278,5 +270,6 @@ def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         factor,
         running,
         stage.gates.unit_edges,
+        stage.first_use,
     )
     return SepConvStage.apply(plan, x, gates, *params)

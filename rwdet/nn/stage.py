@@ -71,6 +71,10 @@ class GraphStage(nn.Module):
         self.release_after: list[list[int]] = [[] for _ in range(n)]
         for u, v in self.last_use.items():
             self.release_after[v].append(u)
+        # first_use[u] = u's smallest-index child: the last to read Z_u in a (reverse) backward.
+        self.first_use: dict[int, int] = {}
+        for u, v in edges:
+            self.first_use[u] = min(self.first_use.get(u, v), v)
         self.nodes = nn.ModuleList(
             build_node_op(
                 node_op,

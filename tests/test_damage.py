@@ -37,6 +37,7 @@ def test_damage_study_covers_every_node_and_edge(tmp_path):
     stage = probe_stage(spec)
     x = torch.zeros(1, 2, 1, 1)
 
+    @torch.no_grad()
     def evaluate(model):
         return float(model(x).mean())
 

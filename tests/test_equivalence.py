@@ -35,6 +35,21 @@ def _stage_pair(gen, params, path):
     return ref, opt
 
 
+def _fused_node(y):
+    """The ``SepConvStage`` node in ``y``'s autograd graph, or None (on CPU an NCHW input is
+    switched to channels_last and back, so the op is not necessarily ``y.grad_fn``)."""
+    todo, seen = [y.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "SepConvStage" in type(fn).__name__:
+            return fn
+        todo += [f for f, _ in fn.next_functions]
+    return None
+
+
 def _close(a, b, rtol=1e-4, msg=None):
     """Elementwise ``rtol`` plus an absolute slack of ``rtol`` times the tensor's largest value:
     fp32 sums of hundreds of products differ in their last bits from one order to another."""
@@ -63,7 +78,7 @@ def test_stage_matches_reference(gen, params, path):
     ref, opt = _stage_pair(gen, params, path)
     for _ in range(2):  # the second step starts from updated running statistics
         y = _assert_same_training_step(ref, opt, torch.randn(4, 3, 12, 12))
-    assert ("SepConvStage" in type(y.grad_fn).__name__) == (path == "fused")
+    assert (_fused_node(y) is not None) == (path == "fused")
 
 
 @pytest.mark.parametrize("gen,params", GRAPHS)
@@ -76,6 +91,40 @@ def test_fused_stage_matches_reference_channels_last(gen, params):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("path", ["reference", "fused"])
+def test_cpu_stage_computes_channels_last_and_returns_the_callers_layout(path):
+    ref, opt = _stage_pair("ws", {"k": 4, "p": 0.75}, "fused")
+    stage = opt if path == "fused" else ref
+    x = torch.randn(4, 3, 12, 12)
+    inner = []
+    hook = stage.nodes[0].register_forward_hook(lambda m, i, o: inner.append(i[0]))
+    y = stage(x)
+    y_cl = stage(x.to(memory_format=torch.channels_last))
+    hook.remove()
+    if path == "reference":  # the fused op runs its nodes inside, without module hooks
+        assert all(t.is_contiguous(memory_format=torch.channels_last) for t in inner)
+    assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_cl, rtol=0, atol=0)
+    assert (_fused_node(y) is not None) == (path == "fused")
+
+
+def test_fused_op_in_nchw_matches_reference():
+    """The op itself is layout-agnostic: on CUDA it runs on NCHW inputs as given."""
+    from rwdet.nn.fused import fused_stage
+
+    class Direct(nn.Module):  # the op on an NCHW input, without the stage's CPU switch
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
+
+        def forward(self, x):
+            return fused_stage(self.stage, x, self.stage.gates())
+
+    ref, opt = _stage_pair("ba", {"m": 3}, "fused")
+    y = _assert_same_training_step(ref, Direct(opt), torch.randn(4, 3, 12, 12))
+    assert y.is_contiguous() and "SepConvStage" in type(y.grad_fn).__name__
+
+
 def test_fused_stage_gradcheck():
     torch.manual_seed(0)
     spec = GraphSpec.generate("ws", 5, 1, k=2, p=0.5)
@@ -83,7 +132,7 @@ def test_fused_stage_gradcheck():
     with torch.no_grad():
         stage.gates.weight.normal_()
     x = torch.randn(3, 2, 4, 4, dtype=torch.double, requires_grad=True)
-    assert "SepConvStage" in type(stage(x).grad_fn).__name__
+    assert _fused_node(stage(x)) is not None
     # nondet_tol: a repeated backward rebuilds the freed activations (same math, other rounding).
     assert torch.autograd.gradcheck(stage, (x,), nondet_tol=1e-10)
 
@@ -122,7 +171,7 @@ def test_fused_dnw_model_matches_reference():
     opt = build_model("randwire_small", **kw)
     opt.load_state_dict(ref.state_dict())
     _assert_same_model_step(ref, opt)
-    assert "SepConvStage" in type(opt.conv3(torch.randn(2, 8, 8, 8)).grad_fn).__name__
+    assert _fused_node(opt.conv3(torch.randn(2, 8, 8, 8))) is not None
 
 
 def test_fused_bf16_autocast_as_accurate_as_reference():
@@ -155,7 +204,8 @@ def test_fused_bf16_autocast_as_accurate_as_reference():
 def test_fused_path_keeps_one_tensor_per_node():
     """Saved for backward: the reference keeps ~4 activations per node, the fused op 1."""
     ref, opt = _stage_pair("ws", {"k": 4, "p": 0.75}, "fused")
-    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    # channels_last: on CPU an NCHW input would be copied to it, and the copy saved too.
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
     node_bytes = 4 * 6 * 8 * 8 * 4  # batch x channels x 8 x 8 x fp32
 
     def saved_bytes(stage):
@@ -168,7 +218,7 @@ def test_fused_path_keeps_one_tensor_per_node():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = stage(x)
-        for c in getattr(y.grad_fn, "keep", None) or []:
+        for c in getattr(_fused_node(y), "keep", None) or []:
             seen[c.untyped_storage().data_ptr()] = c.untyped_storage().nbytes()
         seen.pop(x.untyped_storage().data_ptr(), None)
         weights = {p.untyped_storage().data_ptr() for p in stage.parameters()}
@@ -197,16 +247,18 @@ def test_unfusable_stages_run_node_by_node():
     spec = GraphSpec.generate("ws", 6, 1, k=2, p=0.5)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     conv_op = GraphStage(spec, 3, 4, node_op="conv")
-    assert "SepConvStage" not in type(conv_op(x).grad_fn).__name__
+    assert conv_op(x).grad_fn is not None and _fused_node(conv_op(x)) is None
     stage = GraphStage(spec, 3, 4)
     stage.nodes[2][3].eval()  # a frozen BN anywhere: reference path
-    assert "SepConvStage" not in type(stage(x).grad_fn).__name__
+    assert stage(x).grad_fn is not None and _fused_node(stage(x)) is None
     stage.train()
+    assert _fused_node(stage(x)) is not None
     with torch.no_grad():
         assert stage(x).grad_fn is None
     popup = build_model("randwire_small", channels=8, nodes=6, stem="small", wiring="popup")
     popup.train()
-    assert "SepConvStage" not in type(popup.conv3(torch.randn(2, 8, 8, 8)).grad_fn).__name__
+    y = popup.conv3(torch.randn(2, 8, 8, 8))
+    assert y.grad_fn is not None and _fused_node(y) is None
 
 
 def test_weighted_sum_matches_naive_and_gradcheck():

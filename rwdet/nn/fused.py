@@ -81,6 +81,15 @@ def _bn_apply(c, mean, invstd, weight, bias):
     return torch.batch_norm(c, weight, bias, mean, invstd.pow(-2), False, 0.0, 0.0, True)
 
 
+def _like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` in ``param``'s dtype and exact strides. A conv run on channels_last input gives
+    an NCHW weight a gradient whose strides differ on its size-1 dims; DDP's gradient buckets
+    compare strides exactly and would warn and copy every step."""
+    if grad.dtype == param.dtype and grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
+
+
 def _run_nodes(plan: StagePlan, x, g, params, bn, dtypes=None):
     """The stage's forward math; returns every node's ``C_v`` and the stage output.
 
@@ -231,7 +240,7 @@ class SepConvStage(torch.autograd.Function):
             del grad_a, a
             for j, gp in enumerate((grad_dw, grad_pw, grad_bw, grad_bb)):
                 if gp is not None:
-                    grad_params[4 * v + j] = gp.to(params[4 * v + j].dtype)
+                    grad_params[4 * v + j] = _like(gp, params[4 * v + j])
             if not ins:
                 if need[1]:
                     grad_x = grad_i if grad_x is None else grad_x.add_(grad_i)

@@ -33,8 +33,8 @@ class GraphStage(nn.Module):
       Other node ops, DNW/popup layer types and frozen BN run node by node; there
       ``recompute=True`` checkpoints each node (``rwdet.nn.recompute``). Both give the
       reference path's results; ``fused=False, recompute=False`` is that reference.
-    - On CPU a stage computes in channels_last and returns its input's layout (see
-      ``forward``).
+    - On CPU the fused op and inference compute in channels_last and return the input's
+      layout (see ``forward``).
     """
 
     def __init__(
@@ -134,22 +134,26 @@ class GraphStage(nn.Module):
         return self.nodes[v](self.aggregate(v, x, outs, gates))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On CPU a stage computes in channels_last whatever its input's layout, and hands the
-        # input's layout back: oneDNN runs 3x3 depthwise and 1x1 convs on few channels much
-        # faster in NHWC (C=109, batch 16, NCHW model: training step -16 to -20%, inference
-        # -21%; docs/performance.md). CUDA keeps the caller's layout (not measured there).
+        # On CPU the fused op and inference compute in channels_last whatever the input's
+        # layout, and hand the input's layout back: oneDNN runs 3x3 depthwise and 1x1 convs on
+        # few channels much faster in NHWC (C=109, batch 16, NCHW model: fused training step
+        # -20%, inference -21%; docs/performance.md). Node-by-node training keeps the caller's
+        # layout: there autograd would give NCHW weights gradients with other strides, which
+        # DDP's gradient buckets reject (a warning, a copy each step). CUDA keeps the layout.
+        fused = self._use_fused()
         cl = torch.channels_last
         if (
-            x.device.type == "cpu"
+            (fused or not torch.is_grad_enabled())
+            and x.device.type == "cpu"
             and not torch.jit.is_tracing()
             and not x.is_contiguous(memory_format=cl)
         ):
-            return self._forward(x.contiguous(memory_format=cl)).contiguous()
-        return self._forward(x)
+            return self._forward(x.contiguous(memory_format=cl), fused).contiguous()
+        return self._forward(x, fused)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         gates = self.gates()
-        if self._use_fused():
+        if fused:
             return fused_stage(self, x, gates)
         outs: dict[int, torch.Tensor] = {}
         recompute = wants_recompute(self.recompute, self)

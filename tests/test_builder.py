@@ -159,6 +159,20 @@ def test_every_stage_gets_its_own_graph_and_graphs_rebuild_the_model():
     assert torch.equal(model(x), rebuilt(x))
 
 
+def test_gates_may_list_edges_in_any_order_but_not_twice():
+    spec = GraphSpec(n=3, edges=((0, 1), (0, 2), (1, 2)))
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    ordered = GraphStage(spec, 3, 4, gates=StaticGates([(0, 1), (0, 2), (1, 2)])).eval()
+    torch.manual_seed(0)
+    shuffled = GraphStage(spec, 3, 4, gates=StaticGates([(0, 2), (1, 2), (0, 1)])).eval()
+    assert shuffled.last_use == {0: 2, 1: 2} and shuffled.first_use == {0: 1, 1: 2}
+    with torch.no_grad():
+        torch.testing.assert_close(shuffled(x), ordered(x))
+    with pytest.raises(ValueError, match="repeat"):
+        GraphStage(spec, 3, 4, gates=StaticGates([(0, 1), (0, 1)]))
+
+
 def test_graphs_of_wrong_shape_are_rejected():
     kw = {"channels": 8, "nodes": 10, "stem": "small"}
     graphs = get_graphs(build_model("randwire_small", **kw))

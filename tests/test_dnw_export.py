@@ -120,3 +120,34 @@ def test_mobilenet_output_nodes_without_in_edges_fold_into_the_fc_bias():
     exported = export_subnetwork(model)
     assert exported.fc.in_features <= model.fc.in_features - 10
     assert_same_model_outputs(model, exported, x, exact=False)
+
+
+def test_export_keeps_dtype_and_exports_a_bare_stage_or_layer():
+    """A float64 popup/DNW stage passed in on its own exports to plain layers in float64."""
+    from rwdet.nn.sparse_layers import PopupConv2d
+    from rwdet.nn.wiring import get_wiring
+
+    torch.manual_seed(0)
+    spec = GraphSpec.generate("ws", 8, 1, k=4, p=0.75)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.double)
+    for mode in ("dnw", "popup"):
+        w = get_wiring(mode)
+        stage = GraphStage(
+            spec,
+            3,
+            4,
+            gates=w.make_gates(spec, 0.0),
+            conv_layer=w.conv_layer,
+            norm_layer=w.norm_layer,
+        ).double()
+        stage.eval()
+        exported = export_subnetwork(stage)
+        assert isinstance(exported.gates, FixedGates), mode
+        assert not any(isinstance(m, SPARSE_LAYERS) for m in exported.modules()), mode
+        assert {p.dtype for p in exported.parameters()} <= {torch.double}, mode
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), stage(x))
+    layer = PopupConv2d(3, 4, 3, padding=1, k=0.5).double()
+    plain = export_subnetwork(layer)
+    assert type(plain) is nn.Conv2d and plain.weight.dtype == torch.double
+    torch.testing.assert_close(plain(x), layer(x))

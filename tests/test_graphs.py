@@ -187,3 +187,6 @@ def test_graphspec_rejects_bad_edges():
         GraphSpec(n=3, edges=((2, 1),))
     with pytest.raises(ValueError, match="duplicates"):
         GraphSpec(n=3, edges=((0, 1), (0, 1)))
+    for n in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=f"n={n!r} is not a node count"):
+            GraphSpec(n=n, edges=())

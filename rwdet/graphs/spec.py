@@ -28,6 +28,8 @@ class GraphSpec:
     seed: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n={self.n!r} is not a node count; a stage graph needs n >= 1 nodes")
         edges = tuple(sorted((int(u), int(v)) for u, v in self.edges))
         for u, v in edges:
             if not (0 <= u < v < self.n):

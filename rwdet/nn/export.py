@@ -77,6 +77,7 @@ def prune_stage(stage: GraphStage) -> GraphStage:
     )
     new.nodes = nn.ModuleList(copy.deepcopy(stage.nodes[v]) for v in keep)
     new.recompute, new.fused = stage.recompute, stage.fused
+    new.to(stage.in_edge_index.device)  # the gate values and edge index, built on the CPU
     if [keep[s] for s in new.sinks] != list(stage.sinks):
         raise RuntimeError("exported stage changed the stage outputs; please report this bug")
     return new
@@ -93,6 +94,8 @@ def _plain_conv(m: nn.Conv2d) -> nn.Conv2d:
         m.groups,
         bias=m.bias is not None,
         padding_mode=m.padding_mode,
+        device=m.weight.device,
+        dtype=m.weight.dtype,
     )
     new.weight.data.copy_(m.masked_weight().detach())
     if m.bias is not None:
@@ -102,19 +105,31 @@ def _plain_conv(m: nn.Conv2d) -> nn.Conv2d:
 
 def _plain_linear(m: nn.Module) -> nn.Linear:
     bias = getattr(m, "bias", None)
-    new = nn.Linear(m.in_features, m.out_features, bias=bias is not None)
+    new = nn.Linear(
+        m.in_features,
+        m.out_features,
+        bias=bias is not None,
+        device=m.weight.device,
+        dtype=m.weight.dtype,
+    )
     new.weight.data.copy_(m.masked_weight().detach())
     if bias is not None:
         new.bias.data.copy_(bias.detach())
     return new
 
 
-def _replace(model: nn.Module, fn) -> None:
-    for name, module in list(model.named_modules()):
+def _replace(model: nn.Module, fn) -> nn.Module:
+    """``model`` with every module ``m`` for which ``fn(m)`` is not None replaced by it (the
+    root included: the model may itself be a stage or a sparse layer)."""
+    root = fn(model)
+    if root is not None:
+        return root
+    for name, module in list(model.named_modules())[1:]:
         new = fn(module)
-        if new is not None and name:
+        if new is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
 
 
 @torch.no_grad()
@@ -125,7 +140,7 @@ def export_subnetwork(model: nn.Module) -> nn.Module:
         new = model.export_pruned()
     else:
         new = copy.deepcopy(model)
-    _replace(
+    new = _replace(
         new,
         lambda m: (
             prune_stage(m)
@@ -141,7 +156,7 @@ def export_subnetwork(model: nn.Module) -> nn.Module:
             return _plain_linear(m)
         return None
 
-    _replace(new, plain)
+    new = _replace(new, plain)
     spec = getattr(model, "rwdet_spec", None)
     if spec is not None:
         # The exported architecture cannot be rebuilt from the source model's spec.

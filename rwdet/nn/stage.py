@@ -60,6 +60,8 @@ class GraphStage(nn.Module):
         for u, v in edges:
             if not 0 <= u < v < n:
                 raise ValueError(f"candidate edge ({u}, {v}) is invalid for a {n}-node stage")
+        if len(set(edges)) != len(edges):
+            raise ValueError("the gates' candidate edges repeat; each (u, v) may appear once")
         self.in_edges: list[list[tuple[int, int]]] = [[] for _ in range(n)]
         for e, (u, v) in enumerate(edges):
             self.in_edges[v].append((e, u))
@@ -67,7 +69,9 @@ class GraphStage(nn.Module):
         self.sources = [v for v in range(n) if not self.in_edges[v]]
         self.sinks = [v for v in range(n) if v not in has_child]
         # last_use[u] = the node after which Z_u is no longer needed (sinks live to the end).
-        self.last_use = {u: v for u, v in edges}
+        self.last_use: dict[int, int] = {}
+        for u, v in edges:  # gates may list their edges in any order
+            self.last_use[u] = max(self.last_use.get(u, v), v)
         for s in self.sinks:
             self.last_use.pop(s, None)
         self.release_after: list[list[int]] = [[] for _ in range(n)]

@@ -264,8 +264,36 @@ def resolve(
     if gen_params:
         cfg["model"]["gen_params"] = {**cfg["model"]["gen_params"], **gen_params}
     for item in overrides or []:
-        cfg = merge(cfg, parse_override(item))
+        cfg = apply_override(cfg, item)
     return finalize(cfg)
+
+
+def apply_override(cfg: dict, item: str) -> dict:
+    """One ``key=value`` override on a full config.
+
+    Inside a free-form section (``model.kwargs.dropout=0.3``) it sets that one key and keeps
+    the section's others; ``model.kwargs={...}`` still replaces the section whole. A new
+    ``model.gen`` drops the old generator's ``gen_params``, as ``--gen`` does.
+    """
+    update = parse_override(item)
+    key = item.split("=", 1)[0].strip()
+    for section in _FREE_FORM:
+        if key.startswith(section + "."):
+            head, name = section.split(".")
+            out = copy.deepcopy(cfg)
+            out[head][name] = _update_free_form(out[head][name], update[head][name])
+            return out
+    if key == "model.gen" and update["model"]["gen"] != cfg["model"]["gen"]:
+        cfg = copy.deepcopy(cfg)
+        cfg["model"]["gen_params"] = {}
+    return merge(cfg, update)
+
+
+def _update_free_form(base, update: dict) -> dict:
+    out = dict(base) if isinstance(base, dict) else {}
+    for k, v in update.items():
+        out[k] = _update_free_form(out.get(k), v) if isinstance(v, dict) else v
+    return out
 
 
 def finalize(cfg: dict) -> dict:
@@ -287,11 +315,21 @@ def finalize(cfg: dict) -> dict:
         raise ValueError(f"train.amp={cfg['train']['amp']!r} is not known; use bf16, fp16 or off")
     if cfg["device"] not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={cfg['device']!r} is not known; use auto, cpu or cuda")
-    for key in ("epochs", "batch_size"):
-        section = "schedule" if key == "epochs" else "train"
+    for section, key, least in (
+        ("schedule", "epochs", 1),
+        ("train", "batch_size", 1),
+        ("train", "log_period", 1),
+        ("train", "eval_period", 1),
+        ("train", "checkpoint_period", 0),
+        ("train", "precise_bn", 0),
+    ):
         value = cfg[section][key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{section}.{key}={value!r} must be a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            kind = "a positive integer" if least else "an integer >= 0"
+            raise ValueError(f"{section}.{key}={value!r} must be {kind}")
+    warmup = cfg["schedule"]["warmup_epochs"]
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0:
+        raise ValueError(f"schedule.warmup_epochs={warmup!r} must be a number >= 0")
     if cfg["eval"]["only"] and not cfg["eval"]["weights"]:
         raise ValueError("--eval-only needs --weights PATH (a checkpoint written by train_cls.py)")
     if cfg["name"] is None:

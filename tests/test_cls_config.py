@@ -140,6 +140,18 @@ def test_another_generator_drops_the_recipes_parameters():
     assert cfg["model"]["gen_params"] == {"m": 3}
 
 
+def test_overrides_inside_free_form_sections_keep_the_other_keys():
+    c109 = os.path.join(RECIPES, "randwire_c109.yaml")
+    cfg = cli("--config", c109, "--data", "/d", "model.kwargs.dropout=0.3")
+    assert cfg["model"]["kwargs"] == {"dropout": 0.3, "edge_drop": 0.1}
+    cfg = cli("--config", c109, "--data", "/d", "model.gen_params.p=0.5")
+    assert cfg["model"]["gen_params"] == {"k": 4, "p": 0.5}
+    cfg = cli("--config", c109, "--data", "/d", "model.kwargs={dropout: 0.3}")
+    assert cfg["model"]["kwargs"] == {"dropout": 0.3}  # a whole mapping replaces the section
+    cfg = cli("--config", c109, "--data", "/d", "model.gen=ba", "model.gen_params.m=3")
+    assert cfg["model"]["gen_params"] == {"m": 3}  # another generator drops ws's k and p
+
+
 def test_resume_flags():
     assert cli()["train"]["resume"] is True
     assert cli("--no-resume")["train"]["resume"] is False
@@ -154,6 +166,10 @@ def test_resume_flags():
         (["optim.lr"], "key=value"),
         (["train.amp=fp8"], "train.amp='fp8'"),
         (["schedule.epochs=0"], "positive integer"),
+        (["train.eval_period=0"], "train.eval_period=0 must be a positive integer"),
+        (["train.log_period=0"], "train.log_period=0 must be a positive integer"),
+        (["train.checkpoint_period=-1"], "train.checkpoint_period=-1 must be an integer >= 0"),
+        (["schedule.warmup_epochs=-1"], "schedule.warmup_epochs=-1 must be a number >= 0"),
         (["data.name=cifar"], "data.name='cifar'"),
         (["--eval-only"], "needs --weights"),
     ],

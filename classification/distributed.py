@@ -73,7 +73,7 @@ def all_gather_object(value) -> list:
     return out
 
 
-def check_same_on_all_ranks(value: str, what: str) -> None:
+def check_same_on_all_ranks(value: str, what: str, fix: str | None = None) -> None:
     """Fail on every rank (none hangs) unless all ranks hold the same ``value``.
 
     Rank 0's value is the reference, as if broadcast; every rank receives all values so the
@@ -82,10 +82,11 @@ def check_same_on_all_ranks(value: str, what: str) -> None:
     values = all_gather_object(value)
     if any(v != values[0] for v in values):
         per_rank = ", ".join(f"rank {i}: {v}" for i, v in enumerate(values))
-        raise RuntimeError(
-            f"{what} differs across ranks ({per_rank}); every rank must build the same "
-            f"network: give all processes the same flags, config and rwdet version"
+        fix = fix or (
+            "every rank must build the same network: give all processes the same flags, "
+            "config and rwdet version"
         )
+        raise RuntimeError(f"{what} differs across ranks ({per_rank}); {fix}")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,13 @@ from torchvision.io import ImageReadMode
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from classification.data import IMAGENET_MEAN, IMAGENET_STD, BadSample, ImageFolderDataset
+from classification.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadSample,
+    ImageFolderDataset,
+    seeded,
+)
 
 
 class EncodedImageDataset(ImageFolderDataset):
@@ -76,8 +82,9 @@ class GpuDecoder:
         if not self.train:
             return F.center_crop(F.resize(img, self.resize, antialias=True), self.size)
         gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))
+        # seeded(): the CPU generator only; torch.manual_seed would also reseed CUDA's, whose
+        # stream (dropout, edge drop on the GPU) must not depend on the last image's seed.
+        with seeded(int(torch.randint(2**31, (), generator=gen))):
             top, left, h, w = T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
             flip = bool(torch.rand(()) < 0.5)
         img = F.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)

@@ -562,6 +562,14 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
     start_iter = 0
     if ckpt is not None:
         start_iter = load_training_state(ckpt, model, state, d, path)
+    # Each rank looks for last.pth itself; one that started fresh (e.g. a node-local output
+    # folder) next to ranks that resumed would drift apart silently, then hang.
+    check_same_on_all_ranks(
+        f"iteration {start_iter}",
+        "resume point",
+        "every rank must see the same last.pth: use an output folder shared by all nodes "
+        "(--output-dir), or --resume PATH on each",
+    )
     start_epoch, start_batch = divmod(start_iter, ipe)
 
     if d.distributed:

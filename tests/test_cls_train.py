@@ -222,6 +222,11 @@ def _mismatch_worker(rank, store, results):
         msg = "no error"
     except RuntimeError as e:
         msg = str(e)
+    try:  # the trainer's resume-point check, with its own advice
+        check_same_on_all_ranks(f"iteration {rank * 7}", "resume point", "share the folder")
+        msg += "\nno error"
+    except RuntimeError as e:
+        msg += "\n" + str(e)
     finally:
         dist.destroy_process_group()
     with open(f"{results}.{rank}", "w") as f:
@@ -238,6 +243,8 @@ def test_graph_fingerprint_mismatch_fails_on_every_rank(tmp_path):
     for rank in range(2):
         msg = open(f"{results}.{rank}").read()
         assert "graph fingerprint differs across ranks" in msg and "rank 1: fingerprint-1" in msg
+        resume = "resume point differs across ranks (rank 0: iteration 0, rank 1: iteration 7)"
+        assert resume in msg and msg.endswith("; share the folder")
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,16 @@ def test_same_seed_same_crop(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_augmentation_leaves_the_global_generators_alone(tmp_path, monkeypatch):
+    """Crops are seeded per image without touching CUDA's generator or the CPU stream."""
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", cuda_seeds.append)
+    before = torch.get_rng_state()
+    run(tmp_path, "cpu", True)
+    assert cuda_seeds == [] and torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.gpu
 def test_cuda_decode_matches_shape(tmp_path):
     (images, targets, bad), _ = run(tmp_path, "cuda", True)

@@ -78,6 +78,7 @@ def test_analyze_graph_cli_writes_pngs(tmp_path):
             sys.executable,
             os.path.join(ROOT, "tools", "analyze.py"),
             "graph",
+            "--model",  # the flag form of the positional model name
             "randwire_small",
             "--nodes",
             "8",

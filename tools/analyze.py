@@ -41,9 +41,9 @@ def cmd_complexity(args):
         rows = zoo_rows(input_size=args.input_size)
         print(json.dumps(rows, indent=1) if args.json else zoo_markdown(rows))
         return
-    if args.model_name is None:
+    args.model = args.model_name or args.model
+    if args.model is None:
         sys.exit("complexity: name a model (e.g. randwire_small) or pass --table")
-    args.model = args.model_name
     kwargs = model_kwargs_from_args(args)
     c = complexity(build_model(args.model, **kwargs), input_size=args.input_size)
     c["model"], c["kwargs"] = args.model, kwargs
@@ -63,11 +63,14 @@ def cmd_graph(args):
     from rwdet.graphs.plot import plot_stage
     from rwdet.models import build_model, get_graphs
 
-    if os.path.isfile(args.model_name):
-        graphs = graphs_from_checkpoint(args.model_name)
-        label = os.path.basename(args.model_name)
+    name = args.model_name or args.model
+    if name is None:
+        sys.exit("graph: name a model (e.g. randwire_small) or an rwdet checkpoint path")
+    if os.path.isfile(name):
+        graphs = graphs_from_checkpoint(name)
+        label = os.path.basename(name)
     else:
-        args.model = args.model_name
+        args.model = name
         graphs = get_graphs(build_model(args.model, **model_kwargs_from_args(args)))
         label = args.model
     os.makedirs(args.out, exist_ok=True)
@@ -108,8 +111,8 @@ def main(argv=None):
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("complexity", help="params, FLOPs (fvcore) and activations")
-    p.add_argument("model_name", nargs="?", help="registered model name")
-    add_model_args(p)
+    p.add_argument("model_name", nargs="?", help="registered model name (or --model)")
+    add_model_args(p, default_model=None)
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
@@ -118,8 +121,10 @@ def main(argv=None):
     p.add_argument("--zoo", action="store_true", help="every registered model: dense/kept size")
     p.set_defaults(func=cmd_complexity)
     p = sub.add_parser("graph", help="PNG plots of every stage graph (Figure 4 style)")
-    p.add_argument("model_name", help="registered model name or an rwdet checkpoint path")
-    add_model_args(p)
+    p.add_argument(
+        "model_name", nargs="?", help="registered model name (or --model) or a checkpoint path"
+    )
+    add_model_args(p, default_model=None)
     p.add_argument("--out", default="output/graphs", help="folder for the PNGs")
     p.add_argument("--json", action="store_true", help="statistics as JSON")
     p.set_defaults(func=cmd_graph)

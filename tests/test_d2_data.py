@@ -101,3 +101,38 @@ def test_missing_coco_says_where_and_how(tmp_path, monkeypatch):
 def test_unregistered_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="dataset 'coco_2077_train' is not registered"):
         check_datasets(get_cfg(), ["coco_2077_train"])
+
+
+def test_a_users_own_tree_dataset_is_left_alone(tmp_path):
+    """Only the registered demo data is prepared, not every dataset with a "tree" class."""
+    from detectron2.data.datasets import register_coco_instances
+
+    (tmp_path / "train").mkdir()
+    ann = tmp_path / "instances_train.json"
+    mine = {"info": {"description": "MY OWN LABELS"}, "images": [], "annotations": []}
+    ann.write_text(json.dumps({**mine, "categories": [{"id": 1, "name": "tree"}]}))
+    register_coco_instances("mytrees_train_test", {}, str(ann), str(tmp_path / "train"))
+    MetadataCatalog.get("mytrees_train_test").set(thing_classes=["tree"])
+    try:
+        check_datasets(get_cfg(), ["mytrees_train_test"])
+        assert json.loads(ann.read_text())["info"] == mine["info"]
+        assert list((tmp_path / "train").iterdir()) == []
+    finally:
+        DatasetCatalog.remove("mytrees_train_test")
+        MetadataCatalog.remove("mytrees_train_test")
+
+
+@pytest.mark.slow
+def test_ranks_preparing_at_once_all_succeed(tmp_path):
+    """Every rank of a fresh run may convert the demo data at the same time."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=treecrowns.prepare, args=(str(tmp_path),)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert treecrowns.is_prepared(str(tmp_path))
+    assert not [f for f in (tmp_path / "train").iterdir() if f.suffix != ".png"]

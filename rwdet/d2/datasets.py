@@ -38,8 +38,8 @@ def check_datasets(cfg, names: list[str] | None = None) -> None:
                 "with detectron2.data.datasets.register_coco_instances"
             )
         meta = MetadataCatalog.get(name)
-        if meta.get("thing_classes") == ["tree"] and meta.get("image_root"):
-            treecrowns.prepare(os.path.dirname(meta.image_root))  # made on first use
+        if meta.get("rwdet_treecrowns_root"):
+            treecrowns.prepare(meta.rwdet_treecrowns_root)  # made on first use
             continue
         missing = [
             p

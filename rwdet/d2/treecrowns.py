@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
+from functools import partial
 
 from PIL import Image
 
@@ -156,9 +157,8 @@ def prepare(root: str | None = None, data_dir: str | None = None) -> str:
                 sources[src] = Image.open(src).convert("RGB")
             fname = name + ".png"
             tile = sources[src].crop(win)
-            tile_path = os.path.join(root, split, fname)
-            tile.save(tile_path + ".tmp.png")
-            os.replace(tile_path + ".tmp.png", tile_path)
+            # A unique temp name per writer: every rank of a fresh run may prepare at once.
+            atomic_write(os.path.join(root, split, fname), partial(tile.save, format="PNG"))
             images.append(
                 {"id": image_id, "file_name": fname, "width": tile.width, "height": tile.height}
             )
@@ -208,4 +208,7 @@ def register_treecrowns(root: str | None = None, prefix: str = "treecrowns") -> 
             image_root=os.path.join(r, split),
             evaluator_type="coco",
             thing_classes=["tree"],
+            # Marks the demo data: check_datasets prepares this root, and no user dataset
+            # that merely has a "tree" class.
+            rwdet_treecrowns_root=r,
         )

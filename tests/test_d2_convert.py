@@ -266,3 +266,22 @@ def test_torchvision_resnet_converts_to_detectron2_resnet(tmp_path):
         for i, layer in enumerate([tv.layer1, tv.layer2, tv.layer3, tv.layer4]):
             h = layer(h)
             torch.testing.assert_close(got[f"res{i + 2}"], h, rtol=1e-4, atol=1e-5)
+
+
+def test_small_stem_resnet_is_refused_with_the_reason():
+    """A ResNet's small stem (3x3 conv) has other parameters than its ImageNet stem (7x7)."""
+    from rwdet.d2.convert import convert_rwdet_checkpoint
+
+    model = build_model("resnet50_popup", stem="small", num_classes=10)
+    ckpt = {
+        "model": model.state_dict(),
+        "model_spec": model.rwdet_spec,
+        "graphs": None,
+        "ema": None,
+        "epoch": 1,
+        "iteration": 1,
+        "config": {},
+        "metrics": {},
+    }
+    with pytest.raises(ValueError, match=r"stem='small' cannot be converted.*conv1\.weight"):
+        convert_rwdet_checkpoint(ckpt)

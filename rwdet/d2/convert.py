@@ -78,6 +78,25 @@ def input_conv(model: nn.Module, in_channels: int) -> tuple[str, nn.Module]:
     return called[0], model.get_submodule(called[0])
 
 
+def _check_same_parameters(name, graphs, state, det_kwargs, stem) -> None:
+    """RandWire's and MobileNet's small stems differ from their ImageNet stems only in strides;
+    a ResNet's (3x3 conv vs 7x7 conv + max pool) does not, so its weights cannot move over."""
+    with torch.device("meta"):
+        det = build_model(name, **({"graphs": graphs} if graphs else {}), **det_kwargs)
+    target = {k: tuple(v.shape) for k, v in det.state_dict().items()}
+    changed = [
+        f"{k}: {tuple(state[k].shape)} -> {target[k]}"
+        for k in target
+        if k in state and tuple(state[k].shape) != target[k]
+    ]
+    if changed:
+        raise ValueError(
+            f"model {name!r} trained with stem={stem!r} cannot be converted for detection: "
+            f"its ImageNet stem (strides 2..32, needed by FPN) has other parameters "
+            f"({', '.join(changed[:3])}); train it with stem='imagenet'"
+        )
+
+
 def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False) -> dict:
     """An rwdet classification checkpoint (contract dict) -> detectron2 weights dict."""
     _check_contract(ckpt)
@@ -120,6 +139,7 @@ def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False) -> dict:
         notes.append(f"{name}.weight: 1 -> 3 input channels, replicated and divided by 3")
     if kwargs.get("stem", "imagenet") != "imagenet":
         det_kwargs["stem"] = "imagenet"
+        _check_same_parameters(spec["name"], graphs, state, det_kwargs, kwargs["stem"])
         notes.append(
             f"stem {kwargs['stem']!r} -> 'imagenet': same parameters, strides 2..32 for FPN"
         )

@@ -173,6 +173,7 @@ def test_gn_on_a_model_with_its_own_batchnorm_is_an_error():
         (["MODEL.RWDET.NORM", "LN"], "NORM='LN' is not known"),
         (["MODEL.RWDET.GEN", "xx"], "GEN='xx' is not a known generator"),
         (["MODEL.RWDET.STEM", "tiny"], "STEM='tiny' is not known"),
+        (["MODEL.RWDET.STEM", "small"], r"heads read \['p5', 'p6'\].*STEM='small'"),
         (["MODEL.RWDET.GEN", "er", "MODEL.RWDET.K", 4], "takes only"),
         (["MODEL.RWDET.EDGE_DROP", 1.5], "EDGE_DROP=1.5"),
         (["MODEL.RWDET.OUT_FEATURES", ["conv2", "res9"]], "res9"),

@@ -160,6 +160,17 @@ def test_graphs_come_from_the_weights_and_mismatches_are_errors(tmp_path):
         build_detector(det_cfg(weights, "MODEL.RWDET.GRAPH_FILE", other))
 
 
+def test_generator_parameters_are_checked_against_the_weights_generator(tmp_path):
+    """MODEL.RWDET.M with BA weights and no MODEL.RWDET.GEN: BA's parameter, accepted."""
+    make_checkpoint(tmp_path / "cls.pth", gen="ba", gen_params={"m": 2}, seed=3)
+    weights = convert(tmp_path, tmp_path / "cls.pth")
+    build_detector(det_cfg(weights, "MODEL.RWDET.M", 2))
+    with pytest.raises(ValueError, match="differ from the weights file's graphs"):
+        build_detector(det_cfg(weights, "MODEL.RWDET.M", 1))
+    with pytest.raises(ValueError, match="MODEL.RWDET.K set but generator 'ba' takes only"):
+        build_detector(det_cfg(weights, "MODEL.RWDET.K", 4))
+
+
 def test_graph_file_without_weights(tmp_path):
     model = build_model("randwire_small", **{**TINY, "seed": 7})
     path = str(tmp_path / "g.json")

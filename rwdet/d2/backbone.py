@@ -17,6 +17,8 @@ ResNet's stem + res2.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
@@ -179,6 +181,18 @@ def _fpn(cfg, bottom_up: Backbone) -> FPN:
         raise ValueError(
             f"MODEL.FPN.IN_FEATURES {unknown} are not among MODEL.RWDET.OUT_FEATURES "
             f"{list(bottom_up.output_shape())}"
+        )
+    strides = [bottom_up.output_shape()[f].stride for f in in_features]
+    levels = [int(math.log2(st)) for st in strides]
+    made = [f"p{lv}" for lv in levels] + [f"p{levels[-1] + 1}"]  # + LastLevelMaxPool's
+    read = list(cfg.MODEL.RPN.IN_FEATURES) + list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+    missing = sorted({f for f in read if f not in made})
+    if missing:
+        raise ValueError(
+            f"FPN over {list(in_features)} (strides {strides}) gives {made}, but the RPN/ROI "
+            f"heads read {missing}. The stage strides come from the stem: "
+            f"MODEL.RWDET.STEM={cfg.MODEL.RWDET.STEM!r}; use 'imagenet' (strides 4..32 for "
+            "conv2..conv5), or change MODEL.FPN.IN_FEATURES / the heads' IN_FEATURES"
         )
     return FPN(
         bottom_up=bottom_up,

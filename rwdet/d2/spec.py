@@ -57,8 +57,11 @@ def _extra_kwargs(extra) -> dict:
     return _plain(extra)
 
 
-def _gen_overrides(c) -> dict:
-    """Generator keys the config sets explicitly (the rest stay with weights / defaults)."""
+def _gen_overrides(c, default_gen: str | None = "ws") -> dict:
+    """Generator keys the config sets explicitly (the rest stay with weights / defaults).
+
+    K/P/M are checked against ``MODEL.RWDET.GEN``, else ``default_gen`` (the weights'
+    generator, else RandWire's "ws"; None: not checked yet)."""
     out = {}
     if c.GEN:
         if c.GEN not in GENERATORS:
@@ -74,8 +77,8 @@ def _gen_overrides(c) -> dict:
         params["p"] = float(c.P)
     if c.M > 0:
         params["m"] = int(c.M)
-    if params:
-        gen = c.GEN or "ws"
+    gen = c.GEN or default_gen
+    if params and gen is not None:
         allowed = set(GENERATORS[gen][1]) if gen in GENERATORS else set()
         bad = sorted(set(params) - allowed)
         if bad:
@@ -83,6 +86,7 @@ def _gen_overrides(c) -> dict:
                 f"MODEL.RWDET.{'/'.join(b.upper() for b in bad)} set but generator {gen!r} "
                 f"takes only {sorted(allowed) or 'no parameters'}; unset it (0 / -1)"
             )
+    if params:
         out["gen_params"] = params
     if c.SEED >= 0:
         out["seed"] = int(c.SEED)
@@ -105,7 +109,7 @@ def validate_rwdet_config(cfg) -> None:
         raise ValueError(f"MODEL.RWDET.EDGE_DROP={c.EDGE_DROP} must be a probability in [0, 1)")
     if not c.OUT_FEATURES:
         raise ValueError("MODEL.RWDET.OUT_FEATURES is empty; list stage names such as conv2")
-    _gen_overrides(c)
+    _gen_overrides(c, default_gen=None)  # K/P/M: checked once the weights' generator is known
     _extra_kwargs(c.EXTRA_KWARGS)
 
 
@@ -141,7 +145,7 @@ def resolve_backbone_spec(cfg) -> BackboneSpec:
         _check_agree("MODEL.RWDET.NAME", name, wspec["name"], weights)
     kwargs = dict((wspec or {}).get("kwargs") or {})
 
-    overrides = _gen_overrides(c)
+    overrides = _gen_overrides(c, kwargs.get("gen") or "ws")
     if c.CHANNELS > 0:
         overrides["channels"] = int(c.CHANNELS)
     if c.NODES > 0:

@@ -3,8 +3,10 @@
 Three sources can describe the backbone: ``MODEL.RWDET`` keys, the graph file
 ``MODEL.RWDET.GRAPH_FILE``, and the spec + graphs embedded in ``MODEL.WEIGHTS`` by
 ``tools/convert_cls_to_d2.py``. Graph precedence: graph file, then the weights' graphs, then
-the generator (GEN/SEED). Wherever two sources say something about the same thing they must
-agree; a disagreement is an error naming both values, never a silent random initialisation.
+the generator (GEN/SEED). Wherever two sources say something about the graphs or the
+parameter shapes (``ARCH_KEYS``) they must agree; a disagreement is an error naming both
+values, never a silent random initialisation. ``STEM``, ``EDGE_DROP`` and ``EXTRA_KWARGS``
+keys outside ``ARCH_KEYS`` are fine-tuning settings: the config's value wins.
 """
 
 from __future__ import annotations

@@ -329,6 +329,7 @@ def save_checkpoint(paths, model, state: dict, cfg: dict, d: DistInfo) -> None:
         "config": cfg,
         "metrics": dict(state["metrics"]),
         "classes": list(state["classes"]),
+        "skipped_train": state["skipped_train"],
     }
     for path in paths:
         ckpt_lib.atomic_save(obj, path)
@@ -359,10 +360,12 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
     writer: MetricWriter = state["writer"]
     tc, log_period = cfg["train"], cfg["train"]["log_period"]
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg["optim"]["label_smoothing"])
-    # Window sums on the device (no host sync per step): loss, top1, top5, n, nonfinite.
-    window = torch.zeros(5, dtype=torch.float64, device=d.device)
+    # Window sums on the device (no host sync per step): loss, top1, top5, n, nonfinite,
+    # unreadable images skipped (summed over ranks with the rest).
+    window = torch.zeros(6, dtype=torch.float64, device=d.device)
     epoch_loss = torch.zeros(2, dtype=torch.float64, device=d.device)
     counter = {"skipped": 0}
+    counted, skipped_epoch = 0, 0
     bar_on = d.is_main and use_progress_bar()
     bar = progress(loader, len(loader), f"epoch {epoch + 1}/{epochs}", bar_on)
     t_last = time.perf_counter()
@@ -410,7 +413,12 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
         steps_in_window += 1
         last_of_epoch = b + 1 == ipe
         if (it + 1) % log_period == 0 or last_of_epoch:
+            window[5] += counter["skipped"] - counted
+            counted = counter["skipped"]
             stats = all_reduce_sum(window.clone())
+            skipped_epoch += int(stats[5].item())
+            # All ranks' skips, checkpointed with the rest (up to the last logged window).
+            state["skipped_train"] += int(stats[5].item())
             check_finite(stats[4].item(), state, it)
             epoch_loss[0] += stats[0]
             epoch_loss[1] += stats[3]
@@ -424,7 +432,7 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
                 "img_per_s": stats[3].item() / max(elapsed, 1e-9),
                 "data_time_ms": 1000 * data_time / max(steps_in_window, 1),
                 "peak_mem_mb": peak_memory_mb(d.device),
-                "skipped_images": counter["skipped"],
+                "skipped_images": skipped_epoch,
             }
             writer.write("train", it + 1, values)
             if bar_on:
@@ -447,11 +455,8 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
             check_weights_finite(model, state, it)
             save_checkpoint([state["last_path"]], model, state, cfg, d)
         t_last = time.perf_counter()
-    if counter["skipped"]:
-        log.warning(
-            "epoch %d: skipped %d unreadable training images", epoch + 1, counter["skipped"]
-        )
-    state["skipped_train"] += counter["skipped"]
+    if skipped_epoch and d.is_main:
+        log.warning("epoch %d: skipped %d unreadable training images", epoch + 1, skipped_epoch)
     return epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
 
 
@@ -625,6 +630,7 @@ def load_training_state(ckpt: dict, model, state: dict, d: DistInfo, path: str) 
     if state["ema"] is not None and ckpt.get("ema") is not None:
         state["ema"].load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 0))
     state["metrics"].update(ckpt.get("metrics") or {})
+    state["skipped_train"] = int(ckpt.get("skipped_train", 0))
     it = int(ckpt["iteration"])
     old = ckpt.get("sampler") or {}
     ipe = state["iters_per_epoch"]

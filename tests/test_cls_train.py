@@ -209,7 +209,10 @@ def test_two_process_ddp_with_torchrun(dataset, tmp_path):
     # exactly once (no padding duplicates) and the broken one is skipped once.
     assert all(e["count"] == n_val and e["skipped"] == 1 for e in evals)
     assert evals[-1]["top1"] > CHANCE + 20
+    # The 2 bad training files are met once per epoch, on whichever rank: counted over ranks.
+    assert [e["skipped_train_images"] for e in evals] == [2, 4, 6]
     train = records(out, "train")
+    assert [r["skipped_images"] for r in train if r["epoch"] in (1, 2, 3)] == [2, 2, 2]
     assert train[-1]["loss"] < train[0]["loss"]
     ckpt = load_checkpoint(os.path.join(out, "last.pth"))
     assert len(ckpt["rng"]) == 2 and ckpt["sampler"]["world"] == 2

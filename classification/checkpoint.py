@@ -59,6 +59,21 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def remove_stale_temp_files(output_dir: str) -> list[str]:
+    """Delete the half-written temp files a killed save left (``atomic_write``'s
+    ``.<name>*.tmp``): SIGKILL skips their cleanup. Call before this run saves anything."""
+    if not os.path.isdir(output_dir):
+        return []
+    stale = [
+        f
+        for f in os.listdir(output_dir)
+        if f.endswith(".tmp") and any(f.startswith(f".{name}") for name in (LAST, BEST))
+    ]
+    for f in stale:
+        os.remove(os.path.join(output_dir, f))
+    return stale
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     """The checkpoint auto-resume continues from: ``last.pth``, which every save refreshes."""
     path = os.path.join(output_dir, LAST)

@@ -501,6 +501,9 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
     train_set, val_set, classes, in_ch = build_datasets(cfg, train=True)
     log.info("%s", describe_data(cfg, train_set, val_set, classes))
 
+    if d.is_main:  # only rank 0 saves, and it has not saved yet
+        for f in ckpt_lib.remove_stale_temp_files(out):
+            log.info("removed %s, left by a save that was killed", f)
     path = resume_path(cfg)
     ckpt = ckpt_lib.load_checkpoint(path) if path else None
     spec = model_spec(cfg, len(classes), in_ch)

@@ -125,6 +125,16 @@ def test_latest_checkpoint(tmp_path):
     assert ck.latest_checkpoint(str(tmp_path)).endswith("last.pth")
 
 
+def test_temp_files_of_killed_saves_are_removed(tmp_path):
+    kept = ["last.pth", "best.pth", "notes.tmp", ".other.tmp"]
+    stale = [".last.pthab12cd.tmp", ".best.pth_x9.tmp"]
+    for f in kept + stale:
+        (tmp_path / f).write_bytes(b"x")
+    assert sorted(ck.remove_stale_temp_files(str(tmp_path))) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    assert ck.remove_stale_temp_files(str(tmp_path / "missing")) == []
+
+
 def test_unwrap():
     model = torch.nn.Linear(2, 2)
     wrapped = type("Compiled", (torch.nn.Module,), {})()

@@ -141,7 +141,7 @@ class GraphStage(nn.Module):
         # On CPU the fused op and inference compute in channels_last whatever the input's
         # layout, and hand the input's layout back: oneDNN runs 3x3 depthwise and 1x1 convs on
         # few channels much faster in NHWC (C=109, batch 16, NCHW model: fused training step
-        # -20%, inference -21%; docs/performance.md). Node-by-node training keeps the caller's
+        # -16 to -20%, inference -21%; docs/performance.md). Node-by-node training keeps the caller's
         # layout: there autograd would give NCHW weights gradients with other strides, which
         # DDP's gradient buckets reject (a warning, a copy each step). CUDA keeps the layout.
         fused = self._use_fused()

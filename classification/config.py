@@ -255,8 +255,12 @@ def resolve(
     if not config_file and data_root is None:
         cfg = merge(cfg, FASHION_MNIST_PROFILE)
     cfg = merge(cfg, recipe)
-    # A generator given on the command line drops the recipe's parameters of another generator.
+    # Another generator (--gen, or a model.gen= override, the last one winning) drops the
+    # recipe's parameters; the command line's own (--k/--p/--m, model.gen_params.*) stay.
     gen = (flags.get("model") or {}).get("gen")
+    for item in overrides or []:
+        if item.split("=", 1)[0].strip() == "model.gen":
+            gen = parse_override(item)["model"]["gen"]
     if gen is not None and gen != cfg["model"]["gen"]:
         cfg["model"]["gen_params"] = {}
     gen_params = (flags.get("model") or {}).pop("gen_params", None)
@@ -272,8 +276,7 @@ def apply_override(cfg: dict, item: str) -> dict:
     """One ``key=value`` override on a full config.
 
     Inside a free-form section (``model.kwargs.dropout=0.3``) it sets that one key and keeps
-    the section's others; ``model.kwargs={...}`` still replaces the section whole. A new
-    ``model.gen`` drops the old generator's ``gen_params``, as ``--gen`` does.
+    the section's others; ``model.kwargs={...}`` still replaces the section whole.
     """
     update = parse_override(item)
     key = item.split("=", 1)[0].strip()
@@ -283,9 +286,6 @@ def apply_override(cfg: dict, item: str) -> dict:
             out = copy.deepcopy(cfg)
             out[head][name] = _update_free_form(out[head][name], update[head][name])
             return out
-    if key == "model.gen" and update["model"]["gen"] != cfg["model"]["gen"]:
-        cfg = copy.deepcopy(cfg)
-        cfg["model"]["gen_params"] = {}
     return merge(cfg, update)
 
 

@@ -455,6 +455,12 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
             check_weights_finite(model, state, it)
             save_checkpoint([state["last_path"]], model, state, cfg, d)
         t_last = time.perf_counter()
+    # Skips after the last flushed window (a final batch with no readable image is skipped
+    # before the flush); every rank runs the same number of batches, so all reach this.
+    rest = torch.tensor([float(counter["skipped"] - counted)], device=d.device)
+    rest = int(all_reduce_sum(rest.double()).item())
+    skipped_epoch += rest
+    state["skipped_train"] += rest
     if skipped_epoch and d.is_main:
         log.warning("epoch %d: skipped %d unreadable training images", epoch + 1, skipped_epoch)
     return epoch_loss[0].item() / max(epoch_loss[1].item(), 1)

@@ -148,8 +148,15 @@ def test_overrides_inside_free_form_sections_keep_the_other_keys():
     assert cfg["model"]["gen_params"] == {"k": 4, "p": 0.5}
     cfg = cli("--config", c109, "--data", "/d", "model.kwargs={dropout: 0.3}")
     assert cfg["model"]["kwargs"] == {"dropout": 0.3}  # a whole mapping replaces the section
-    cfg = cli("--config", c109, "--data", "/d", "model.gen=ba", "model.gen_params.m=3")
-    assert cfg["model"]["gen_params"] == {"m": 3}  # another generator drops ws's k and p
+    # Another generator drops the recipe's k and p, never what the command line gave, in
+    # whatever order.
+    for argv in (
+        ["model.gen=ba", "model.gen_params.m=3"],
+        ["model.gen_params.m=3", "model.gen=ba"],
+        ["--m", "3", "model.gen=ba"],
+    ):
+        cfg = cli("--config", c109, "--data", "/d", *argv)
+        assert cfg["model"]["gen"] == "ba" and cfg["model"]["gen_params"] == {"m": 3}, argv
 
 
 def test_resume_flags():

@@ -173,7 +173,7 @@ def test_gn_on_a_model_with_its_own_batchnorm_is_an_error():
         (["MODEL.RWDET.NORM", "LN"], "NORM='LN' is not known"),
         (["MODEL.RWDET.GEN", "xx"], "GEN='xx' is not a known generator"),
         (["MODEL.RWDET.STEM", "tiny"], "STEM='tiny' is not known"),
-        (["MODEL.RWDET.STEM", "small"], r"heads read \['p5', 'p6'\].*STEM='small'"),
+        (["MODEL.RWDET.STEM", "small"], r"RPN/ROI_HEADS heads read \['p5', 'p6'\].*'small'"),
         (["MODEL.RWDET.GEN", "er", "MODEL.RWDET.K", 4], "takes only"),
         (["MODEL.RWDET.EDGE_DROP", 1.5], "EDGE_DROP=1.5"),
         (["MODEL.RWDET.OUT_FEATURES", ["conv2", "res9"]], "res9"),
@@ -196,3 +196,17 @@ def test_unknown_config_key_is_an_error():
 def test_model_rejecting_an_option_is_a_clear_error():
     with pytest.raises(ValueError, match="does not accept the options"):
         build_backbone(make_cfg(extra={**TINY, "colour": "red"}))
+
+
+def test_fpn_level_check_follows_the_meta_architecture():
+    """RetinaNet reads its own levels; a bare backbone is not held to any head's."""
+    cfg = make_cfg(opts=["MODEL.META_ARCHITECTURE", "RetinaNet"])
+    cfg.MODEL.RPN.IN_FEATURES = ["res4"]  # detectron2's defaults, unused by RetinaNet
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
+    cfg.MODEL.RETINANET.IN_FEATURES = ["p3", "p4", "p5", "p6"]
+    build_backbone(cfg)
+    cfg.MODEL.RETINANET.IN_FEATURES = ["p3", "p7"]
+    with pytest.raises(ValueError, match=r"RETINANET heads read \['p7'\]"):
+        build_backbone(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    build_backbone(cfg)

@@ -16,7 +16,7 @@ from torch import nn
 import rwdet.d2  # noqa: F401
 from rwdet.d2 import RwdetCheckpointer, add_rwdet_config
 from rwdet.d2.convert import input_conv
-from rwdet.d2.weights import BACKBONE_PREFIX, load_weights_file, safe_load_pickle
+from rwdet.d2.weights import BACKBONE_PREFIX, META_KEY, load_weights_file, safe_load_pickle
 from rwdet.graphs import graphs_from_dict, graphs_to_dict, save_graphs
 from rwdet.models import build_model, get_graphs
 
@@ -277,6 +277,27 @@ def test_torchvision_resnet_converts_to_detectron2_resnet(tmp_path):
         for i, layer in enumerate([tv.layer1, tv.layer2, tv.layer3, tv.layer4]):
             h = layer(h)
             torch.testing.assert_close(got[f"res{i + 2}"], h, rtol=1e-4, atol=1e-5)
+
+
+def test_small_stem_mobilenet_converts():
+    """MobileNet-DNW's CIFAR stem differs from its ImageNet stem in stride only."""
+    from rwdet.d2.convert import convert_rwdet_checkpoint
+
+    model = build_model("mobilenetv1_dnw_x0225", stem="small", num_classes=10)
+    ckpt = {
+        "model": model.state_dict(),
+        "model_spec": model.rwdet_spec,
+        "graphs": None,
+        "ema": None,
+        "epoch": 1,
+        "iteration": 1,
+        "config": {},
+        "metrics": {},
+    }
+    out = convert_rwdet_checkpoint(ckpt)
+    meta = out[META_KEY]
+    assert meta["model_spec"]["kwargs"]["stem"] == "imagenet"
+    assert any("stem 'small' -> 'imagenet'" in n for n in meta["adaptations"])
 
 
 def test_small_stem_resnet_is_refused_with_the_reason():

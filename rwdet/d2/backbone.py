@@ -185,14 +185,20 @@ def _fpn(cfg, bottom_up: Backbone) -> FPN:
     strides = [bottom_up.output_shape()[f].stride for f in in_features]
     levels = [int(math.log2(st)) for st in strides]
     made = [f"p{lv}" for lv in levels] + [f"p{levels[-1] + 1}"]  # + LastLevelMaxPool's
-    read = list(cfg.MODEL.RPN.IN_FEATURES) + list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-    missing = sorted({f for f in read if f not in made})
+    # The FPN levels the configured detector's heads read (a bare backbone: none).
+    heads = {
+        "GeneralizedRCNN": ("RPN", "ROI_HEADS"),
+        "ProposalNetwork": ("RPN",),
+        "RetinaNet": ("RETINANET",),
+    }.get(cfg.MODEL.META_ARCHITECTURE, ())
+    read = {f for h in heads for f in cfg.MODEL[h].IN_FEATURES if f.startswith("p")}
+    missing = sorted(read - set(made))
     if missing:
         raise ValueError(
-            f"FPN over {list(in_features)} (strides {strides}) gives {made}, but the RPN/ROI "
-            f"heads read {missing}. The stage strides come from the stem: "
-            f"MODEL.RWDET.STEM={cfg.MODEL.RWDET.STEM!r}; use 'imagenet' (strides 4..32 for "
-            "conv2..conv5), or change MODEL.FPN.IN_FEATURES / the heads' IN_FEATURES"
+            f"FPN over {list(in_features)} (strides {strides}) gives {made}, but the "
+            f"{'/'.join(heads)} heads read {missing}. Stage strides depend on the stem "
+            f"(MODEL.RWDET.STEM={cfg.MODEL.RWDET.STEM!r}; 'imagenet' gives strides 4..32 for "
+            "conv2..conv5); otherwise change MODEL.FPN.IN_FEATURES or the heads' IN_FEATURES"
         )
     return FPN(
         bottom_up=bottom_up,

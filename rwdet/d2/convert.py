@@ -81,8 +81,7 @@ def input_conv(model: nn.Module, in_channels: int) -> tuple[str, nn.Module]:
 def _check_same_parameters(name, graphs, state, det_kwargs, stem) -> None:
     """RandWire's and MobileNet's small stems differ from their ImageNet stems only in strides;
     a ResNet's (3x3 conv vs 7x7 conv + max pool) does not, so its weights cannot move over."""
-    with torch.device("meta"):
-        det = build_model(name, **({"graphs": graphs} if graphs else {}), **det_kwargs)
+    det = build_model(name, **({"graphs": graphs} if graphs else {}), **det_kwargs)
     target = {k: tuple(v.shape) for k, v in det.state_dict().items()}
     changed = [
         f"{k}: {tuple(state[k].shape)} -> {target[k]}"

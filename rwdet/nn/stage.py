@@ -33,8 +33,8 @@ class GraphStage(nn.Module):
       Other node ops, DNW/popup layer types and frozen BN run node by node; there
       ``recompute=True`` checkpoints each node (``rwdet.nn.recompute``). Both give the
       reference path's results; ``fused=False, recompute=False`` is that reference.
-    - On CPU the fused op and inference compute in channels_last and return the input's
-      layout (see ``forward``).
+    - On CPU the fused op and forwards without gradients compute in channels_last and return
+      the input's layout (see ``forward``).
     """
 
     def __init__(
@@ -61,7 +61,10 @@ class GraphStage(nn.Module):
             if not 0 <= u < v < n:
                 raise ValueError(f"candidate edge ({u}, {v}) is invalid for a {n}-node stage")
         if len(set(edges)) != len(edges):
-            raise ValueError("the gates' candidate edges repeat; each (u, v) may appear once")
+            repeated = sorted({e for e in edges if edges.count(e) > 1})
+            raise ValueError(
+                f"the gates' candidate edges repeat {repeated}; each (u, v) may appear once"
+            )
         self.in_edges: list[list[tuple[int, int]]] = [[] for _ in range(n)]
         for e, (u, v) in enumerate(edges):
             self.in_edges[v].append((e, u))
@@ -138,12 +141,13 @@ class GraphStage(nn.Module):
         return self.nodes[v](self.aggregate(v, x, outs, gates))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On CPU the fused op and inference compute in channels_last whatever the input's
-        # layout, and hand the input's layout back: oneDNN runs 3x3 depthwise and 1x1 convs on
-        # few channels much faster in NHWC (C=109, batch 16, NCHW model: fused training step
-        # -16 to -20%, inference -21%; docs/performance.md). Node-by-node training keeps the caller's
-        # layout: there autograd would give NCHW weights gradients with other strides, which
-        # DDP's gradient buckets reject (a warning, a copy each step). CUDA keeps the layout.
+        # On CPU the fused op and forwards without gradients (inference) compute in
+        # channels_last whatever the input's layout, and hand that layout back: oneDNN runs 3x3
+        # depthwise and 1x1 convs on few channels much faster in NHWC (C=109, batch 16, NCHW
+        # model: fused training step -16 to -20%, inference -21%; docs/performance.md).
+        # Node-by-node training keeps the caller's layout: there autograd would give NCHW
+        # weights gradients with other strides, which DDP's gradient buckets reject (a
+        # warning, a copy each step). CUDA keeps the layout.
         fused = self._use_fused()
         cl = torch.channels_last
         if (

@@ -38,18 +38,24 @@ def make_checkpoint(path, name="randwire_small", **kwargs):
                 if m.affine:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.2, 0.2)
-    ckpt = {
+    ckpt = contract_checkpoint(model)
+    torch.save(ckpt, path)
+    return model.eval(), ckpt
+
+
+def contract_checkpoint(model):
+    """``model`` in the classification trainer's checkpoint format."""
+    graphs = get_graphs(model)
+    return {
         "model": model.state_dict(),
         "model_spec": model.rwdet_spec,
-        "graphs": graphs_to_dict(get_graphs(model)),
+        "graphs": graphs_to_dict(graphs) if graphs else None,
         "ema": None,
         "epoch": 3,
         "iteration": 30,
         "config": {},
         "metrics": {"top1": 50.0},
     }
-    torch.save(ckpt, path)
-    return model.eval(), ckpt
 
 
 def convert(tmp_path, ckpt_path, name="det.pkl"):
@@ -283,19 +289,8 @@ def test_small_stem_mobilenet_converts():
     """MobileNet-DNW's CIFAR stem differs from its ImageNet stem in stride only."""
     from rwdet.d2.convert import convert_rwdet_checkpoint
 
-    model = build_model("mobilenetv1_dnw_x0225", stem="small", num_classes=10)
-    ckpt = {
-        "model": model.state_dict(),
-        "model_spec": model.rwdet_spec,
-        "graphs": None,
-        "ema": None,
-        "epoch": 1,
-        "iteration": 1,
-        "config": {},
-        "metrics": {},
-    }
-    out = convert_rwdet_checkpoint(ckpt)
-    meta = out[META_KEY]
+    ckpt = contract_checkpoint(build_model("mobilenetv1_dnw_x0225", stem="small", num_classes=10))
+    meta = convert_rwdet_checkpoint(ckpt)[META_KEY]
     assert meta["model_spec"]["kwargs"]["stem"] == "imagenet"
     assert any("stem 'small' -> 'imagenet'" in n for n in meta["adaptations"])
 
@@ -304,16 +299,6 @@ def test_small_stem_resnet_is_refused_with_the_reason():
     """A ResNet's small stem (3x3 conv) has other parameters than its ImageNet stem (7x7)."""
     from rwdet.d2.convert import convert_rwdet_checkpoint
 
-    model = build_model("resnet50_popup", stem="small", num_classes=10)
-    ckpt = {
-        "model": model.state_dict(),
-        "model_spec": model.rwdet_spec,
-        "graphs": None,
-        "ema": None,
-        "epoch": 1,
-        "iteration": 1,
-        "config": {},
-        "metrics": {},
-    }
+    ckpt = contract_checkpoint(build_model("resnet50_popup", stem="small", num_classes=10))
     with pytest.raises(ValueError, match=r"stem='small' cannot be converted.*conv1\.weight"):
         convert_rwdet_checkpoint(ckpt)

@@ -17,8 +17,6 @@ ResNet's stem + res2.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
@@ -182,25 +180,7 @@ def _fpn(cfg, bottom_up: Backbone) -> FPN:
             f"MODEL.FPN.IN_FEATURES {unknown} are not among MODEL.RWDET.OUT_FEATURES "
             f"{list(bottom_up.output_shape())}"
         )
-    strides = [bottom_up.output_shape()[f].stride for f in in_features]
-    levels = [int(math.log2(st)) for st in strides]
-    made = [f"p{lv}" for lv in levels] + [f"p{levels[-1] + 1}"]  # + LastLevelMaxPool's
-    # The FPN levels the configured detector's heads read (a bare backbone: none).
-    heads = {
-        "GeneralizedRCNN": ("RPN", "ROI_HEADS"),
-        "ProposalNetwork": ("RPN",),
-        "RetinaNet": ("RETINANET",),
-    }.get(cfg.MODEL.META_ARCHITECTURE, ())
-    read = {f for h in heads for f in cfg.MODEL[h].IN_FEATURES if f.startswith("p")}
-    missing = sorted(read - set(made))
-    if missing:
-        raise ValueError(
-            f"FPN over {list(in_features)} (strides {strides}) gives {made}, but the "
-            f"{'/'.join(heads)} heads read {missing}. Stage strides depend on the stem "
-            f"(MODEL.RWDET.STEM={cfg.MODEL.RWDET.STEM!r}; 'imagenet' gives strides 4..32 for "
-            "conv2..conv5); otherwise change MODEL.FPN.IN_FEATURES or the heads' IN_FEATURES"
-        )
-    return FPN(
+    fpn = FPN(
         bottom_up=bottom_up,
         in_features=in_features,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
@@ -208,6 +188,24 @@ def _fpn(cfg, bottom_up: Backbone) -> FPN:
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+    # The FPN levels the configured detector's heads read (a bare backbone: none).
+    heads = {
+        "GeneralizedRCNN": ("RPN", "ROI_HEADS"),
+        "ProposalNetwork": ("RPN",),
+        "RetinaNet": ("RETINANET",),
+    }.get(cfg.MODEL.META_ARCHITECTURE, ())
+    read = {f for h in heads for f in cfg.MODEL[h].IN_FEATURES if f.startswith("p")}
+    made = list(fpn.output_shape())
+    missing = sorted(read - set(made))
+    if missing:
+        strides = [bottom_up.output_shape()[f].stride for f in in_features]
+        raise ValueError(
+            f"FPN over {list(in_features)} (strides {strides}) gives {made}, but the "
+            f"{'/'.join(heads)} heads read {missing}. Stage strides depend on the stem "
+            f"(MODEL.RWDET.STEM={cfg.MODEL.RWDET.STEM!r}; 'imagenet' gives strides 4..32 for "
+            "conv2..conv5); otherwise change MODEL.FPN.IN_FEATURES or the heads' IN_FEATURES"
+        )
+    return fpn
 
 
 def _family_fpn(cfg, family: str, prefixes: tuple[str, ...]) -> FPN:

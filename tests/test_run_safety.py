@@ -1,0 +1,124 @@
+"""The shared run-safety pieces: one-line user errors, the output-folder lock, stop signals,
+and the graph check every stored-model load goes through."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rwdet.graphs import graphs_fingerprint, graphs_to_dict
+from rwdet.models import build_model, get_graphs
+from rwdet.models.verify import GraphMismatchError, verify_graphs
+from rwdet.run import OutputDirLock, OutputDirLocked, StopRequested, UserError, graceful_stop
+from rwdet.run.errors import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raise(e):
+    def main(argv):
+        raise e
+
+    return main
+
+
+@pytest.mark.parametrize(
+    "error,line",
+    [
+        (UserError("--k 3 is odd; use an even k"), "tool.py: error: --k 3 is odd; use an even k"),
+        (OSError(28, "No space left on device", "out/x"), "'out/x': No space left on device; "),
+        (OSError(30, "Read-only file system", "/ro"), "choose a writable --output-dir"),
+        (FileNotFoundError(2, "No such file or directory", "w.pth"), "'w.pth': No such file"),
+        (ValueError("two\n   lines"), "tool.py: error: two lines"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(error, line, capsys):
+    assert run_cli(_raise(error), "tool.py", []) == 2
+    err = capsys.readouterr().err
+    assert line in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_flag_and_env_reraise_and_bugs_keep_their_traceback(monkeypatch):
+    with pytest.raises(UserError):
+        run_cli(_raise(UserError("x")), "tool.py", ["--debug"])
+    monkeypatch.setenv("RWDET_DEBUG", "1")
+    with pytest.raises(UserError):
+        run_cli(_raise(UserError("x")), "tool.py", [])
+    monkeypatch.delenv("RWDET_DEBUG")
+    with pytest.raises(TypeError):  # a bug, not a user error
+        run_cli(_raise(TypeError("x")), "tool.py", [])
+    seen = []
+    assert run_cli(lambda argv: seen.append(argv), "tool.py", ["a", "--debug", "b"]) == 0
+    assert seen == [["a", "b"]]
+
+
+def test_stop_requested_is_a_message_with_the_signal_exit_code(capsys):
+    assert run_cli(_raise(StopRequested("SIGTERM", "iteration 7")), "t.py", []) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after iteration 7" in err and "resume with the same command" in err
+    assert run_cli(_raise(KeyboardInterrupt()), "t.py", []) == 130
+    assert capsys.readouterr().err == "t.py: interrupted\n"
+
+
+def test_graceful_stop_turns_the_first_signal_into_a_flag_and_the_second_into_an_interrupt():
+    before = signal.getsignal(signal.SIGTERM)
+    with graceful_stop() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs between bytecodes
+        assert stop.requested and stop.signame == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+HOLD = "import sys, time; from rwdet.run import OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"  # noqa: E501
+
+
+def test_lock_names_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, out], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputDirLocked, match=rf"PID {holder.pid} on host .*--output-dir"):
+            OutputDirLock(out).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs; the kernel drops the flock
+        holder.wait()
+    with OutputDirLock(out) as lock:
+        assert lock.held
+        with pytest.raises(OutputDirLocked, match=str(os.getpid())):
+            OutputDirLock(out).acquire()  # a second lock in the same process is refused too
+    with OutputDirLock(out):  # released: taken again
+        pass
+
+
+def _tiny():
+    model = build_model("randwire_small", gen="ws", seed=1, channels=8, nodes=6)
+    spec = model.rwdet_spec
+    graphs = get_graphs(model)
+    return spec, graphs_to_dict(graphs), graphs_fingerprint(graphs)
+
+
+def test_verify_graphs_refuses_edited_edges_and_graphs_of_another_spec():
+    spec, stored, fp = _tiny()
+    assert graphs_fingerprint(verify_graphs(stored, fp, "w.pth", spec)) == fp
+    stage = next(iter(stored["graphs"]))
+    edges = stored["graphs"][stage]["edges"]
+    n = stored["graphs"][stage]["n"]
+    absent = next([a, b] for a in range(n) for b in range(a + 1, n) if [a, b] not in edges)
+    stored["graphs"][stage]["edges"] = [*edges[:-1], absent]  # same count: shapes still fit
+    with pytest.raises(GraphMismatchError, match=r"w.pth: its graphs were changed .*"):
+        verify_graphs(stored, fp, "w.pth")
+    with pytest.raises(GraphMismatchError, match="requested model"):
+        verify_graphs(stored, None, "w.pth", spec)  # an old file without fingerprint
+    other = {**spec, "kwargs": {**spec["kwargs"], "seed": 2}}
+    _, good, fp = _tiny()
+    with pytest.raises(GraphMismatchError, match="pass the generator, parameters and seed"):
+        verify_graphs(good, fp, "w.pth", other)

@@ -87,30 +87,29 @@ def test_resnet_popup_export_same_outputs():
     )
 
 
-def test_popup_resnet_factories(monkeypatch):
-    import rwdet.models.sparse_resnet as sr
+@pytest.mark.parametrize(
+    "name,torchvision_name",
+    [("resnet101_popup", "resnet101"), ("wide_resnet50_popup", "wide_resnet50_2")],
+)
+def test_popup_resnets_are_torchvisions_keeping_30_percent(name, torchvision_name):
+    """Built for real (on the meta device: shapes and counts, no memory): the fixed weights are
+    torchvision's architecture less BN affine and the FC bias, and k = 30% in every layer."""
+    import torchvision
 
-    seen = {}
-
-    def record(**kw):
-        seen["kw"] = kw
-        return nn.Identity()
-
-    monkeypatch.setattr(sr, "SparseResNet", record)
-    for name, layers, width in (
-        ("resnet50_popup", [3, 4, 6, 3], 64),
-        ("resnet101_popup", [3, 4, 23, 3], 64),
-        ("wide_resnet50_popup", [3, 4, 6, 3], 128),
-    ):
-        seen.clear()
-        build_model(name)
-        kw = seen["kw"]
-        assert (kw["layers"], kw.get("width_per_group", 64), kw["mode"], kw["k"]) == (
-            layers,
-            width,
-            "popup",
-            0.3,
-        )
+    with torch.device("meta"):
+        model = build_model(name)
+        reference = getattr(torchvision.models, torchvision_name)()
+    bn = sum(
+        p.numel()
+        for m in reference.modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for p in m.parameters()
+    )
+    total = sum(p.numel() for p in reference.parameters())
+    fixed = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert fixed == total - bn - 1000
+    layers = [m for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
+    assert all(m.count == math.floor(0.3 * m.weight.numel() + 0.5) for m in layers)
 
 
 @pytest.mark.slow

@@ -2,17 +2,24 @@
 
 Resolution order (later wins): ``DEFAULTS`` -> the Fashion-MNIST profile (only when neither a
 config file nor ``--data`` is given, so that ``train_cls.py --gen ws`` is a small CPU run) ->
-``--config FILE`` -> flags such as ``--epochs`` -> dotted ``key=value`` overrides. Recipes are read
-with ``yaml.safe_load`` and values of dotted overrides are parsed as YAML scalars; nothing is
-ever evaluated as code. Unknown keys are errors, so a typo cannot silently do nothing.
+``--config FILE`` -> flags such as ``--epochs`` -> dotted ``key=value`` overrides. Recipes and
+override values are read by a safe YAML loader with YAML 1.2 scalars; nothing is ever evaluated
+as code. Unknown keys are errors, so a typo cannot silently do nothing, and every value is
+checked against its key's rule in ``SCHEMA`` once the sources are merged, so a bad value is one
+line naming the key instead of a traceback from deep inside the trainer.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
+from typing import NamedTuple
 
 import yaml
+
+from rwdet.run.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 
@@ -126,7 +133,23 @@ DEFAULTS: dict = {
         # Log params and FLOPs (fvcore) at the start.
         "complexity": True,
         # true: resume from <output_dir>/last.pth when it exists; false: start afresh; or a path.
+        # A run that does not continue <output_dir>/last.pth (false, or another path) first moves
+        # the folder's last.pth, best.pth, metrics.jsonl, config.yaml and tb/ into
+        # <output_dir>/previous/<UTC time>/ (logged): a new run never replaces a good checkpoint.
         "resume": True,
+        # Divergence guard, checked at every logged window (train.log_period) and before every
+        # save; a diverged run stops with the last good checkpoint untouched. A window's loss
+        # counts as a spike above max(divergence_factor x its running mean (an EMA over the
+        # windows), running mean + divergence_margin); divergence_patience spikes in a row stop
+        # the run, and a save due right after a spiking window stops it too.
+        "divergence_factor": 10.0,
+        # Absolute slack in loss units (nats) above the running mean, for nearly-zero losses.
+        "divergence_margin": 2.0,
+        # Consecutive logged windows above the limit that stop the run.
+        "divergence_patience": 3,
+        # Stop when any trainable weight's magnitude exceeds this (a healthy run stays far
+        # below); 0: no bound. NaN/Inf losses or weights always stop the run.
+        "divergence_max_weight": 1.0e4,
     },
     "eval": {
         # Only evaluate eval.weights (no training).
@@ -139,6 +162,111 @@ DEFAULTS: dict = {
         "ema": False,
     },
 }
+
+# ---------------------------------------------------------------------------- value rules
+
+# Sections whose keys are not fixed: they pass through to the model (and are replaced whole).
+_FREE_FORM = {"model.gen_params", "model.kwargs"}
+
+
+class Rule(NamedTuple):
+    """What one config key accepts; ``kind`` and ``example`` default to its DEFAULTS value's."""
+
+    kind: type | tuple | None = None  # bool, int, float, str, dict or a tuple of them
+    bound: str = ""  # for numbers: a key of _BOUNDS
+    choices: tuple = ()
+    none: bool = False  # null (None) allowed
+    example: object = None
+    expected: str = ""  # the wording of what is accepted, where the generic one would not do
+
+
+_BOUNDS = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    # A learning rate reaches float32 kernels: beyond float32's range SGD fails with an overflow.
+    "> 0 and < 3.4e38": lambda v: 0 < v < 3.4e38,
+}
+_NUMBER = (int, float)  # an int or a float, kept as given (generator parameters)
+
+# Keys whose type or example cannot be read off DEFAULTS (None defaults), and every range.
+_RULES: dict[str, Rule] = {
+    "name": Rule(str, none=True, example="my_run"),
+    "output_dir": Rule(str, none=True, example="output/cls/my_run"),
+    "device": Rule(choices=("auto", "cpu", "cuda"), example="cpu"),
+    "threads": Rule(int, ">= 1", none=True, example=4),
+    "model.gen": Rule(str, choices=("er", "ba", "ws", "complete"), none=True, example="ws"),
+    "model.gen_params": Rule(dict, example="{k: 4, p: 0.75}", expected="a mapping of numbers"),
+    "model.seed": Rule(int, none=True, example=1),
+    "model.wiring": Rule(str, none=True, example="static"),
+    "model.nodes": Rule(int, ">= 1", none=True, example=32),
+    "model.channels": Rule(int, ">= 1", none=True, example=78),
+    "model.node_op": Rule(
+        str, choices=("sepconv", "conv", "maxpool", "avgpool"), none=True, example="conv"
+    ),
+    "model.kwargs": Rule(dict, example="{dropout: 0.2}"),
+    "data.name": Rule(choices=("auto", "imagenet", "fashion_mnist"), example="imagenet"),
+    "data.root": Rule(str, none=True, example="/data/imagenet"),
+    "data.train_size": Rule(bound=">= 1"),
+    "data.test_size": Rule(bound=">= 1"),
+    "data.test_resize": Rule(int, ">= 1", none=True, example=256),
+    "data.workers": Rule(bound=">= 0"),
+    "data.train_subset": Rule(int, ">= 1", none=True, example=10000),
+    "optim.lr": Rule(bound="> 0 and < 3.4e38"),
+    "optim.reference_batch": Rule(bound=">= 1"),
+    "optim.momentum": Rule(bound="in [0, 1)"),
+    "optim.weight_decay": Rule(bound=">= 0"),
+    "optim.label_smoothing": Rule(bound="in [0, 1)"),
+    "optim.clip_grad": Rule(float, "> 0", none=True, example=5.0),
+    "schedule.epochs": Rule(bound=">= 1"),
+    "schedule.warmup_epochs": Rule(bound=">= 0"),
+    "schedule.warmup_factor": Rule(float, "in (0, 1]", none=True, example=0.1),
+    "train.batch_size": Rule(bound=">= 1"),
+    "train.amp": Rule(choices=("off", "bf16", "fp16"), example="bf16"),
+    "train.ema_decay": Rule(bound="in (0, 1)"),
+    "train.log_period": Rule(bound=">= 1"),
+    "train.checkpoint_period": Rule(bound=">= 0"),
+    "train.eval_period": Rule(bound=">= 1"),
+    "train.precise_bn": Rule(bound=">= 0"),
+    "train.divergence_factor": Rule(bound="> 0"),
+    "train.divergence_margin": Rule(bound=">= 0"),
+    "train.divergence_patience": Rule(bound=">= 1"),
+    "train.divergence_max_weight": Rule(bound=">= 0"),
+    "train.resume": Rule((bool, str), example=False, expected="true, false or a checkpoint path"),
+    "eval.weights": Rule(str, none=True, example="output/cls/my_run/best.pth"),
+    "eval.batch_size": Rule(bound=">= 1"),
+}
+
+
+def _leaves(tree: dict, where: str = ""):
+    for key, value in tree.items():
+        path = where + key
+        if isinstance(value, dict) and path not in _FREE_FORM:
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def _schema() -> dict[str, Rule]:
+    schema = {}
+    for path, default in _leaves(DEFAULTS):
+        rule = _RULES.get(path, Rule())
+        if rule.kind is None and default is None and not rule.choices:
+            raise AssertionError(f"config key {path}: a None default needs a Rule with its type")
+        schema[path] = rule._replace(
+            kind=rule.kind or (str if rule.choices else type(default)),
+            example=default if rule.example is None else rule.example,
+        )
+    stray = set(_RULES) - set(schema)
+    if stray:
+        raise AssertionError(f"_RULES names keys that DEFAULTS lacks: {sorted(stray)}")
+    return schema
+
+
+SCHEMA: dict[str, Rule] = _schema()
 
 # The embedded default: a small RandWire on Fashion-MNIST (28 px grayscale, 10 classes) that
 # `python tools/train_cls.py --gen ws` trains on 2 CPU cores in a few minutes.
@@ -186,37 +314,71 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
     for key, value in (update or {}).items():
         path = f"{where}{key}"
         if key not in out:
-            raise ValueError(
+            raise UserError(
                 f"unknown config key {path!r}; valid keys here: {sorted(out)} "
                 f"(see classification/config.py)"
             )
         if isinstance(out[key], dict) and path not in _FREE_FORM:
             if not isinstance(value, dict):
-                raise ValueError(f"config key {path!r} is a section; give a mapping, not {value!r}")
+                raise UserError(f"config key {path!r} is a section; give a mapping, not {value!r}")
             out[key] = merge(out[key], value, path + ".")
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-_FREE_FORM = {"model.gen_params", "model.kwargs"}
+class _Loader(yaml.SafeLoader):
+    """A safe loader with YAML 1.2 scalars: ``1e-4`` is a number, only true/false are booleans.
+
+    PyYAML follows YAML 1.1, where ``1e-4`` and ``1e6`` are strings (a float needs a dot) and
+    ``off``, ``no``, ``on`` are booleans: ``optim.lr=1e6`` reached the trainer as text and
+    ``train.amp=off`` as False. Python tags stay refused (SafeLoader's constructors).
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag.endswith((":null", ":merge"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _regexp, _first in (
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?(?:0|[1-9][0-9]*)", "-+0123456789"),
+    (
+        "float",
+        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        "-+0123456789.",
+    ),
+):
+    _Loader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_regexp})$"), list(_first)
+    )
+
+
+def _safe_load(stream):
+    """One YAML document through ``_Loader`` (a SafeLoader: python tags are refused)."""
+    loader = _Loader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserError(
             f"config file {path!r} does not exist; recipes live in {CONFIG_DIR}/ "
             f"({', '.join(list_recipes()) or 'none found'})"
         )
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+            data = _safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path!r} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping at the top level")
+        raise UserError(f"config file {path!r} must hold a mapping at the top level")
     return data
 
 
@@ -227,17 +389,26 @@ def list_recipes() -> list[str]:
 
 
 def parse_override(item: str) -> dict:
-    """``"optim.lr=0.05"`` -> ``{"optim": {"lr": 0.05}}`` (value parsed as a YAML scalar)."""
+    """``"optim.lr=0.05"`` -> ``{"optim": {"lr": 0.05}}`` (value parsed as a YAML scalar).
+
+    A name or a path is taken as typed (``name=2024``, ``data.root=/data/[x]``), not as YAML.
+    """
     if "=" not in item:
-        raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
+        raise UserError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
     key, raw = item.split("=", 1)
+    key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _safe_load(raw) if raw != "" else None
     except yaml.YAMLError as e:
-        raise ValueError(f"override {item!r}: cannot parse value {raw!r}: {e}") from None
+        raise UserError(
+            f"override {item!r}: cannot parse value {raw!r}: {' '.join(str(e).split())}"
+        ) from None
+    rule = SCHEMA.get(key)
+    if rule and rule.kind is str and not rule.choices and value is not None:
+        value = value if isinstance(value, str) else raw
     out: dict = {}
     node = out
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
@@ -251,7 +422,7 @@ def resolve(
     flags = copy.deepcopy(flags or {})
     recipe = load_yaml(config_file) if config_file else {}
     cfg = copy.deepcopy(DEFAULTS)
-    data_root = (flags.get("data") or {}).get("root", (recipe.get("data") or {}).get("root"))
+    data_root = _lookup(flags, "data.root", _lookup(recipe, "data.root", None))
     if not config_file and data_root is None:
         cfg = merge(cfg, FASHION_MNIST_PROFILE)
     cfg = merge(cfg, recipe)
@@ -269,7 +440,12 @@ def resolve(
         cfg["model"]["gen_params"] = {**cfg["model"]["gen_params"], **gen_params}
     for item in overrides or []:
         cfg = apply_override(cfg, item)
-    return finalize(cfg)
+
+    def origin(path, value):
+        found = _lookup(recipe, path, _MISSING)
+        return f" in {config_file}" if found is not _MISSING and found == value else ""
+
+    return finalize(check(cfg, origin))
 
 
 def apply_override(cfg: dict, item: str) -> dict:
@@ -296,42 +472,106 @@ def _update_free_form(base, update: dict) -> dict:
     return out
 
 
+_MISSING = object()
+
+
+def _lookup(tree, path: str, default):
+    """``tree["a"]["b"]`` for ``"a.b"``, or ``default`` where a part is missing."""
+    for part in path.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
+
+
+def check(cfg: dict, origin=None) -> dict:
+    """Check every value of a merged config against its key's ``SCHEMA`` rule, in place.
+
+    Run once, after every source is merged, so a recipe, a flag and an override meet the same
+    rule and a bad value stops the run before anything is built or written. Numbers are
+    normalised (``1e3`` -> 1000 for an integer key, 1 -> 1.0 for a float key).
+    ``origin(path, value)`` may name where a bad value came from (the recipe file).
+    """
+    for path, rule in SCHEMA.items():
+        *sections, key = path.split(".")
+        node = cfg
+        for section in sections:
+            node = node[section]
+        node[key] = _checked(path, node[key], rule, origin)
+        if rule.kind is dict and path == "model.gen_params":
+            number = Rule(_NUMBER, example=0.75)
+            for name, value in node[key].items():
+                _checked(f"{path}.{name}", value, number, origin)
+    return cfg
+
+
+def _checked(path: str, value, rule: Rule, origin=None):
+    good = _normalised(value, rule)
+    if good is not _MISSING:
+        return good
+    where = origin(path, value) if origin else ""
+    raise UserError(
+        f"config key {path}={value!r}{where}: expected {_expected(rule)} "
+        f"(e.g. {path}={_as_text(rule.example)})"
+    )
+
+
+def _normalised(value, rule: Rule):
+    """``value`` as the rule's type, or _MISSING when the rule does not accept it."""
+    kinds = rule.kind if isinstance(rule.kind, tuple) else (rule.kind,)
+    if value is None:
+        return None if rule.none else _MISSING
+    if isinstance(value, bool):  # an int to Python, never a number here
+        return value if bool in kinds else _MISSING
+    if isinstance(value, (int, float)) and (int in kinds or float in kinds):
+        try:
+            if float in kinds and int not in kinds:
+                value = float(value)
+            elif int in kinds and float not in kinds:
+                value = int(value) if value == int(value) else _MISSING
+        except (OverflowError, ValueError):  # inf, nan, or an int too large for a float
+            return _MISSING
+        if value is _MISSING or (isinstance(value, float) and not math.isfinite(value)):
+            return _MISSING
+        return value if not rule.bound or _BOUNDS[rule.bound](value) else _MISSING
+    if not isinstance(value, kinds) or (rule.choices and value not in rule.choices):
+        return _MISSING
+    return value
+
+
+def _expected(rule: Rule) -> str:
+    if rule.expected:
+        text = rule.expected
+    elif rule.choices:
+        text = "one of " + ", ".join(map(repr, rule.choices))
+    elif rule.kind is bool:
+        text = "true or false"
+    elif rule.kind in (int, float, _NUMBER):
+        text = ("an integer" if rule.kind is int else "a number") + f" {rule.bound}".rstrip()
+    else:
+        text = {str: "a string", dict: "a mapping"}[rule.kind]
+    return text + (" or null" if rule.none else "")
+
+
+def _as_text(value) -> str:
+    """A value as typed on the command line (YAML spelling)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
 def finalize(cfg: dict) -> dict:
     """Fill derived values (data name, run name, output dir) and check cross-key rules."""
     data = cfg["data"]
     if data["name"] == "auto":
         data["name"] = "fashion_mnist" if data["root"] is None else "imagenet"
-    if data["name"] not in ("imagenet", "fashion_mnist"):
-        raise ValueError(
-            f"data.name={data['name']!r} is not known; use 'imagenet' (folder layout), "
-            f"'fashion_mnist' or 'auto'"
-        )
     if data["name"] == "imagenet" and not data["root"]:
-        raise ValueError(
+        raise UserError(
             "this recipe trains on a folder in ImageNet layout but no data root was given; "
             "pass --data ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*)"
         )
-    if cfg["train"]["amp"] not in ("off", "bf16", "fp16"):
-        raise ValueError(f"train.amp={cfg['train']['amp']!r} is not known; use bf16, fp16 or off")
-    if cfg["device"] not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={cfg['device']!r} is not known; use auto, cpu or cuda")
-    for section, key, least in (
-        ("schedule", "epochs", 1),
-        ("train", "batch_size", 1),
-        ("train", "log_period", 1),
-        ("train", "eval_period", 1),
-        ("train", "checkpoint_period", 0),
-        ("train", "precise_bn", 0),
-    ):
-        value = cfg[section][key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            kind = "a positive integer" if least else "an integer >= 0"
-            raise ValueError(f"{section}.{key}={value!r} must be {kind}")
-    warmup = cfg["schedule"]["warmup_epochs"]
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0:
-        raise ValueError(f"schedule.warmup_epochs={warmup!r} must be a number >= 0")
     if cfg["eval"]["only"] and not cfg["eval"]["weights"]:
-        raise ValueError("--eval-only needs --weights PATH (a checkpoint written by train_cls.py)")
+        raise UserError("--eval-only needs --weights PATH (a checkpoint written by train_cls.py)")
     if cfg["name"] is None:
         cfg["name"] = run_name(cfg)
     if cfg["output_dir"] is None:

@@ -1,6 +1,7 @@
 """Classification config: commented defaults, recipes, flags, dotted overrides, bad values."""
 
 import ast
+import copy
 import importlib.util
 import os
 
@@ -8,7 +9,9 @@ import pytest
 import yaml
 
 from classification import config as C
+from rwdet.graphs import GENERATORS
 from rwdet.models import list_models
+from rwdet.run.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "configs", "cls")
@@ -172,27 +175,43 @@ def test_resume_flags():
         (["optim=3"], "is a section"),
         (["optim.lr"], "key=value"),
         (["train.amp=fp8"], "train.amp='fp8'"),
-        (["schedule.epochs=0"], "positive integer"),
-        (["train.eval_period=0"], "train.eval_period=0 must be a positive integer"),
-        (["train.log_period=0"], "train.log_period=0 must be a positive integer"),
-        (["train.checkpoint_period=-1"], "train.checkpoint_period=-1 must be an integer >= 0"),
-        (["schedule.warmup_epochs=-1"], "schedule.warmup_epochs=-1 must be a number >= 0"),
+        (["schedule.epochs=0"], "schedule.epochs=0: expected an integer >= 1"),
+        (["train.eval_period=0"], "train.eval_period=0: expected an integer >= 1"),
+        (["train.log_period=0"], "train.log_period=0: expected an integer >= 1"),
+        (["train.checkpoint_period=-1"], r"train.checkpoint_period=-1: expected an integer >= 0"),
+        (["schedule.warmup_epochs=-1"], r"schedule.warmup_epochs=-1: expected a number >= 0"),
         (["data.name=cifar"], "data.name='cifar'"),
         (["--eval-only"], "needs --weights"),
     ],
 )
 def test_bad_values_are_clear_errors(argv, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         cli(*argv)
+
+
+def test_every_key_has_a_rule_and_the_choices_match_the_code():
+    """SCHEMA covers DEFAULTS exactly; its choices are the ones the flags and generators offer."""
+    assert set(C.SCHEMA) == {path for path, _ in C._leaves(C.DEFAULTS)}
+    assert set(C.SCHEMA["model.gen"].choices) == set(GENERATORS)
+    actions = load_tool().build_parser()._actions
+    flags = {a.option_strings[0]: a.choices for a in actions if a.option_strings}
+    for flag, key in (("--gen", "model.gen"), ("--node-op", "model.node_op"),
+                      ("--amp", "train.amp"), ("--device", "device")):  # fmt: skip
+        assert set(flags[flag]) == set(C.SCHEMA[key].choices), flag
+    # Every default passes its own rule, and so does every example the error messages show.
+    assert C.check(copy.deepcopy(C.DEFAULTS)) == C.DEFAULTS
+    for path, rule in C.SCHEMA.items():
+        if rule.kind is not dict:
+            assert C._normalised(rule.example, rule) is not C._MISSING, path
 
 
 def test_missing_config_file_lists_recipes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    with pytest.raises(FileNotFoundError, match="randwire_small.yaml"):
+    with pytest.raises(UserError, match="randwire_small.yaml"):
         C.resolve("configs/cls/nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")
-    with pytest.raises(ValueError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML"):
         C.resolve(str(bad))
 
 

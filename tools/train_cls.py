@@ -8,6 +8,7 @@
 
 Flags override the config file; trailing KEY=VALUE pairs override any config key
 (e.g. optim.lr=0.05 train.ema=true). See classification/config.py for every key.
+A mistake is reported in one line (exit code 2); --debug or RWDET_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,10 +20,24 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from classification.config import resolve  # noqa: E402
+from rwdet.run.errors import UserError, run_cli  # noqa: E402
+
+PROG = "train_cls.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are one line like every other user error."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {PROG} --help)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    return build_parser().parse_intermixed_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="recipe YAML, e.g. configs/cls/randwire_small.yaml")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="registered model name (rwdet.models.list_models())")
@@ -73,7 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    return p.parse_intermixed_args(argv)
+    return p
 
 
 def flags_from_args(a) -> dict:
@@ -115,17 +130,17 @@ def flags_from_args(a) -> dict:
     return flags
 
 
-def main(argv=None) -> int:
+def train(argv: list[str]) -> None:
     args = parse_args(argv)
-    try:
-        cfg = resolve(args.config, flags_from_args(args), args.opts)
-        from classification.trainer import main as run
+    cfg = resolve(args.config, flags_from_args(args), args.opts)
+    from classification.trainer import main as run
 
-        run(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"train_cls.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    run(cfg)
+
+
+def main(argv=None) -> int:
+    """The exit code: 0, or 2 after a one-line error (``--debug``: the traceback instead)."""
+    return run_cli(train, PROG, argv)
 
 
 if __name__ == "__main__":

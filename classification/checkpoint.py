@@ -3,8 +3,10 @@
 A checkpoint is a ``torch.save``d dict of tensors and plain Python values (weights_only-safe):
 "model" (plain state_dict), "model_spec" ({"name", "kwargs"}), "graphs" (edge lists,
 ``rwdet.graphs.graphs_to_dict``), "ema", "ema_updates", "optimizer", "scheduler", "scaler",
-"epoch", "iteration", "rng", "sampler", "config", "metrics", "classes". The Detectron2 converter
-reads "model", "model_spec" and "graphs"; a model is rebuilt from them with
+"epoch", "iteration", "rng", "sampler", "config", "metrics", "classes", "guard" (the divergence
+guard's running loss level), "graphs_fingerprint" (of "graphs": every load checks the edge lists
+against it with ``rwdet.models.verify.verify_graphs``, so an edited graph is refused). The
+Detectron2 converter reads "model", "model_spec" and "graphs"; a model is rebuilt from them with
 ``build_model(spec["name"], graphs=graphs_from_dict(ckpt["graphs"]), **spec["kwargs"])``.
 """
 
@@ -13,14 +15,20 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import time
 
 import numpy as np
 import torch
 
 from rwdet.atomic import atomic_write
+from rwdet.atomic import remove_stale_temp_files as _remove_stale_temp_files
 from rwdet.graphs import graphs_fingerprint, graphs_from_dict
 
 LAST, BEST = "last.pth", "best.pth"
+CHECKPOINTS = (LAST, BEST)
+# What a run leaves in its output folder that a new run would replace (log.txt only grows).
+PREVIOUS = "previous"
+RUN_FILES = (LAST, BEST, "metrics.jsonl", "config.yaml", "tb")
 REQUIRED_KEYS = ("model", "model_spec", "graphs")
 # Keyword arguments that change training only (not the weights nor the eval forward pass);
 # evaluation-only runs ignore differences in them.
@@ -60,24 +68,47 @@ def load_checkpoint(path: str) -> dict:
 
 
 def remove_stale_temp_files(output_dir: str) -> list[str]:
-    """Delete the half-written temp files a killed save left (``atomic_write``'s
-    ``.<name>*.tmp``): SIGKILL skips their cleanup. Call before this run saves anything."""
-    if not os.path.isdir(output_dir):
-        return []
-    stale = [
-        f
-        for f in os.listdir(output_dir)
-        if f.endswith(".tmp") and any(f.startswith(f".{name}") for name in (LAST, BEST))
-    ]
-    for f in stale:
-        os.remove(os.path.join(output_dir, f))
-    return stale
+    """Delete the half-written temp files a killed save of a checkpoint left (SIGKILL skips
+    ``atomic_write``'s cleanup). Call before this run saves anything."""
+    return _remove_stale_temp_files(output_dir, (LAST, BEST))
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
     """The checkpoint auto-resume continues from: ``last.pth``, which every save refreshes."""
     path = os.path.join(output_dir, LAST)
     return path if os.path.isfile(path) else None
+
+
+def move_previous_run(output_dir: str) -> tuple[str, list[str]] | None:
+    """Move the checkpoints (and the metrics, config and TensorBoard events that describe them)
+    of the run in ``output_dir`` into ``previous/<UTC time>/``, before a run that does not
+    continue it (``--no-resume``, ``--resume`` of another file) writes its own: a new run must
+    never replace a good ``best.pth`` or ``last.pth`` with its own. Returns (folder, names
+    moved), or None when the folder holds no checkpoint."""
+    present = [n for n in RUN_FILES if os.path.lexists(os.path.join(output_dir, n))]
+    if not any(n in CHECKPOINTS for n in present):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = os.path.join(output_dir, PREVIOUS, stamp)
+    n = 1
+    while os.path.lexists(dest):  # two fresh starts within one second
+        n += 1
+        dest = os.path.join(output_dir, PREVIOUS, f"{stamp}-{n}")
+    os.makedirs(dest)
+    for name in present:  # same file system: each rename is atomic, nothing is copied
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    return dest, present
+
+
+def nonfinite_tensors(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    if not isinstance(state_dict, dict):
+        return []  # not weights at all: loading them reports that
+    return [
+        k
+        for k, v in state_dict.items()
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def check_model_spec(ckpt: dict, spec: dict, path: str, eval_only: bool = False) -> None:

@@ -60,17 +60,21 @@ class MetricWriter:
     """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard (rank 0 only)."""
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True):
-        self.enabled = enabled
+        self.output_dir, self.enabled, self.tensorboard = output_dir, enabled, tensorboard
         self.tb = None
         self.file = None
-        if not enabled:
+        self.open()
+
+    def open(self) -> None:
+        """(Re)open the files: after ``close()``, e.g. once a previous run's were moved aside."""
+        if not self.enabled or self.file is not None:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
-        if tensorboard:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.file = open(os.path.join(self.output_dir, "metrics.jsonl"), "a")
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+            self.tb = SummaryWriter(os.path.join(self.output_dir, "tb"))
 
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import signal
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+
+from rwdet.run.errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation")}
@@ -112,14 +115,7 @@ def scan_split(split_dir: str, classes: list[str] | None = None):
     samples = []
     for name in found:
         folder = os.path.join(split_dir, name)
-        files = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [
-                os.path.join(dirpath, f)
-                for f in sorted(filenames)
-                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
-            ]
+        files = list_images(folder)
         if not files:
             raise FileNotFoundError(
                 f"class folder {folder!r} contains no images (extensions "
@@ -127,6 +123,93 @@ def scan_split(split_dir: str, classes: list[str] | None = None):
             )
         samples += [(f, index[name]) for f in files]
     return samples, classes
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """One of "dir", "file", "broken" (a symlink to nothing, a loop of links) or "other"."""
+    try:
+        if entry.is_dir():  # follows symlinks
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # ELOOP, or a target that cannot be examined
+        return "broken"
+    return "broken" if entry.is_symlink() and not os.path.exists(entry.path) else "other"
+
+
+def list_images(folder: str) -> list[str]:
+    """The image files under ``folder``, following symlinks, each real file once.
+
+    Symlinked folders and files are followed (subsets of a dataset are often built from
+    symlinks), but every folder is entered once by its real path, and a folder that contains
+    ``folder`` (``loop -> .``, ``up -> ..``) not at all, so loops end and no other class's images
+    leak in. A file reachable by several paths (directly and through a symlink) is listed once,
+    under the first path met. The order is that of ``os.walk``: files of a folder by sorted name,
+    then its sub-folders by sorted name, depth first. A broken symlink is listed like any other
+    file: it fails to load, is skipped and is counted (and named) as an unreadable image.
+    """
+    top = os.path.realpath(folder)
+    seen_dirs, seen_files, files = {top}, set(), []
+    stack = [(folder, top)]
+    while stack:
+        path, real = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError as e:  # skipping it would drop its images without a word
+            raise UserError(
+                f"cannot list the image folder {path!r} ({e.strerror}); fix its permissions or "
+                f"move it out of {folder!r}"
+            ) from None
+        entries.sort(key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            kind = _kind(e)
+            if kind == "dir":
+                sub = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                if sub in seen_dirs or top.startswith(sub.rstrip(os.sep) + os.sep):
+                    continue
+                seen_dirs.add(sub)
+                subdirs.append((e.path, sub))
+            elif kind != "other" and e.name.lower().endswith(IMG_EXTENSIONS):
+                # ("other": a FIFO or socket named like an image would block its reader.)
+                link = e.is_symlink()
+                target = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+                if target not in seen_files:
+                    seen_files.add(target)
+                    files.append(e.path)
+        stack += reversed(subdirs)
+    return files
+
+
+def grey_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Grey values of more than 8 bits scaled to 0..255 (``convert("RGB")`` clips them instead:
+    a 16-bit grey PNG becomes almost all white).
+
+    "I;16*" modes are divided by 257 (65535 -> 255 exactly). PIL keeps no bit depth for "I"
+    (32-bit integer) and "F" (float), so their range is read from the values: at most 1.0 (for
+    "F") is taken as 0..1, at most 255 as 8-bit, at most 65535 as 16-bit (divided by 257),
+    anything larger is divided by the image's own maximum. Negative values become 0.
+    """
+    a = np.clip(np.nan_to_num(a.astype(np.float64)), 0, None)
+    top = float(a.max()) if a.size else 0.0
+    if mode.startswith("I;16") or 255 < top <= 65535:
+        a = a / 257.0
+    elif top > 65535:
+        a = a * (255.0 / top)
+    elif mode == "F" and top <= 1.0:
+        a = a * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB image, with 16-bit, 32-bit integer and float greys scaled, not clipped.
+
+    16-bit RGB PNGs need nothing here: PIL already reduces them to 8 bits per channel.
+    """
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img.convert("RGB")
+    return Image.fromarray(grey_to_uint8(np.asarray(img), img.mode)).convert("RGB")
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -149,7 +232,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def load(self, path: str):
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")  # a full decode: truncation shows up here
+            return to_rgb(Image.open(f))  # a full decode: truncation shows up here
 
     def finish(self, img, target: int, index: int, seed: int | None, path: str):
         with seeded(seed):
@@ -279,6 +362,24 @@ def build_datasets(cfg: dict, train: bool = True, classes: list[str] | None = No
     return train_set, ImageFolderDataset(val_samples, classes, val_tf), classes, 3
 
 
+def split_location(cfg: dict, split: str) -> str:
+    """The folder (or Fashion-MNIST file) a split's images come from, for messages."""
+    data = cfg["data"]
+    if data["name"] == "fashion_mnist":
+        return os.path.join(data["fashion_mnist_dir"], FMNIST_FILES[split][0])
+    return find_split_dir(data["root"], split)
+
+
+def no_readable_images(cfg: dict, split: str, skipped: int, when: str = "") -> UserError:
+    """The error for a split of which not one image could be read: training on nothing, or
+    keeping a "best" checkpoint scored on 0 images, would end a run with exit code 0."""
+    return UserError(
+        f"not one image of the {split} split {split_location(cfg, split)!r} could be read"
+        f"{when} ({skipped} unreadable, named in the warnings above); replace or remove the "
+        f"broken files, or pass --data ROOT with readable images"
+    )
+
+
 def collate_skip_bad(batch):
     """Stack the good samples; return the bad ones separately so the trainer counts them."""
     good = [b for b in batch if not isinstance(b, BadSample)]
@@ -291,7 +392,14 @@ def collate_skip_bad(batch):
 
 
 def worker_init(worker_id: int) -> None:
-    """Seed NumPy and Python in each worker from its torch seed (torch seeds only itself)."""
+    """Seed NumPy and Python in each worker from its torch seed (torch seeds only itself).
+
+    Workers ignore SIGTERM and SIGINT: SLURM and a terminal's Ctrl-C signal the whole process
+    group, and a worker dying of it would break the main process's stop-and-save
+    (``rwdet.run.stop``); the main process ends the workers when it is done.
+    """
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

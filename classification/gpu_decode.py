@@ -54,6 +54,14 @@ def collate_encoded(batch):
     }
 
 
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """16-bit PNGs decode to uint16; scaled by 1/257 as on the CPU path (``data.to_rgb``), not
+    normalised as if they were 8-bit (which made every pixel over 100x too bright)."""
+    if img.dtype == torch.uint8:
+        return img
+    return img.float().div_(257.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 class GpuDecoder:
     """Batch -> normalised float images on ``device``: RandomResizedCrop + flip, or resize +
     center crop for evaluation (the CPU path's recipe)."""
@@ -72,7 +80,7 @@ class GpuDecoder:
             out = []
             for d in datas:
                 try:
-                    img = torchvision.io.decode_image(d, mode=ImageReadMode.RGB)
+                    img = to_uint8(torchvision.io.decode_image(d, mode=ImageReadMode.RGB))
                     out.append(img.to(self.device, non_blocking=True))
                 except RuntimeError:
                     out.append(None)

@@ -24,16 +24,21 @@ from classification.data import (
     ImageFolderDataset,
     build_datasets,
     collate_skip_bad,
+    no_readable_images,
     worker_init,
 )
 from classification.distributed import (
     DistInfo,
+    agree_on_stop,
     all_gather_object,
     all_reduce_sum,
+    check_same_data_on_all_ranks,
     check_same_on_all_ranks,
     cleanup,
     init_distributed,
+    output_dir_lock,
 )
+from classification.divergence import DivergenceGuard
 from classification.ema import ModelEMA
 from classification.logger import (
     FILE_LOG_NAME,
@@ -47,8 +52,12 @@ from classification.metrics import peak_memory_mb, topk_hits
 from classification.precise_bn import recompute_bn_stats
 from classification.sampler import EvalSampler, TrainSampler, subset_indices
 from classification.schedule import CosineWarmup, scaled_lr
-from rwdet.graphs import graphs_fingerprint, graphs_from_dict, graphs_to_dict
+from rwdet.atomic import atomic_write
+from rwdet.graphs import graphs_fingerprint, graphs_to_dict
 from rwdet.models import build_model, get_graphs
+from rwdet.models.verify import verify_graphs
+from rwdet.run.errors import UserError
+from rwdet.run.stop import StopRequested, graceful_stop
 
 log = logging.getLogger(LOG_NAME)
 file_log = logging.getLogger(FILE_LOG_NAME)  # log.txt only (while a tqdm bar is shown)
@@ -120,7 +129,9 @@ def describe_data(cfg: dict, train_set, val_set, classes) -> str:
     )
 
 
-def log_complexity(model: nn.Module, cfg: dict, in_channels: int, writer: MetricWriter) -> None:
+def log_complexity(model: nn.Module, cfg: dict, in_channels: int) -> dict | None:
+    """Log params and FLOPs; the record for metrics.jsonl is returned, written once the run
+    has passed validation (a run that dies on a bad value writes nothing)."""
     size = cfg["data"]["test_size"]
     try:
         with warnings.catch_warnings():  # fvcore uses the deprecated torch.jit API
@@ -130,7 +141,7 @@ def log_complexity(model: nn.Module, cfg: dict, in_channels: int, writer: Metric
             c = complexity(model, size, in_channels)
     except Exception as e:  # noqa: BLE001 - a tracing problem must not stop training
         log.warning("complexity: fvcore could not count this model (%s)", e)
-        return
+        return None
     log.info(
         "model %s: %.3fM params, %.1fM FLOPs (multiply-adds) at %dx%d",
         cfg["model"]["name"],
@@ -139,7 +150,7 @@ def log_complexity(model: nn.Module, cfg: dict, in_channels: int, writer: Metric
         size,
         size,
     )
-    writer.write("model", 0, {k: c[k] for k in ("params", "flops", "activations", "input_size")})
+    return {k: c[k] for k in ("params", "flops", "activations", "input_size")}
 
 
 def prepare_model(model: nn.Module, cfg: dict, d: DistInfo) -> nn.Module:
@@ -282,6 +293,8 @@ def evaluate(model: nn.Module, loader, d: DistInfo, cfg: dict, desc: str = "eval
     sums[4] += counter["skipped"]
     all_reduce_sum(sums)
     model.train(was_training)
+    if sums[3].item() == 0:  # summed over ranks: every rank raises together
+        raise no_readable_images(cfg, "val", int(sums[4].item()))
     n = max(sums[3].item(), 1.0)
     return {
         "top1": 100.0 * sums[1].item() / n,
@@ -301,16 +314,22 @@ def eval_loader(val_set, cfg: dict, d: DistInfo):
 
 
 def save_checkpoint(paths, model, state: dict, cfg: dict, d: DistInfo) -> None:
-    """Collective (every rank sends its RNG state); rank 0 writes each path atomically."""
+    """Collective (every rank sends its RNG state); rank 0 writes each path atomically.
+
+    Every rank runs the divergence guard first (on the same numbers), so a diverged state is
+    never written and all ranks stop together."""
+    state["guard"].check_before_save(model, state["iteration"] - 1, kept_checkpoint(state))
     rng = all_gather_object(ckpt_lib.rng_state())
     if not d.is_main:
         return
     plain = ckpt_lib.unwrap(model)
     ema = state["ema"]
+    graphs = get_graphs(plain)
     obj = {
         "model": plain.state_dict(),
         "model_spec": plain.rwdet_spec,
-        "graphs": graphs_to_dict(get_graphs(plain)),
+        "graphs": graphs_to_dict(graphs),
+        "graphs_fingerprint": graphs_fingerprint(graphs),
         "ema": ema.state_dict() if ema is not None else None,
         "ema_updates": ema.updates if ema is not None else 0,
         "optimizer": state["optimizer"].state_dict(),
@@ -330,19 +349,18 @@ def save_checkpoint(paths, model, state: dict, cfg: dict, d: DistInfo) -> None:
         "metrics": dict(state["metrics"]),
         "classes": list(state["classes"]),
         "skipped_train": state["skipped_train"],
+        "guard": state["guard"].state_dict(),
     }
     for path in paths:
         ckpt_lib.atomic_save(obj, path)
+    state["saved_iteration"] = state["iteration"]
 
 
 def resume_path(cfg: dict) -> str | None:
     resume = cfg["train"]["resume"]
     if resume is True:
         return ckpt_lib.latest_checkpoint(cfg["output_dir"])
-    if not resume:
-        existing = ckpt_lib.latest_checkpoint(cfg["output_dir"])
-        if existing:
-            log.warning("not resuming: %s will be overwritten by this new run", existing)
+    if not resume:  # the folder's checkpoints are moved aside later (start_run_files)
         return None
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
@@ -378,7 +396,7 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
         report_bad(bad, counter)
         if images is None:
             if d.distributed:
-                raise RuntimeError(
+                raise UserError(
                     f"every image of batch {b} on rank {d.rank} was unreadable; the ranks "
                     f"cannot stay in step. Remove the unreadable files listed above"
                 )
@@ -446,6 +464,9 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
                     values["top5"], lr, values["img_per_s"], values["data_time_ms"],
                     values["peak_mem_mb"], _fmt_time(eta),
                 )  # fmt: skip
+            # After the window is logged (so the spike is on record), before any save.
+            state["guard"].check_loss(values["loss"], it, kept_checkpoint(state))
+            check_weights_finite(model, state, it)
             window.zero_()
             t_window, data_time, steps_in_window = time.perf_counter(), 0.0, 0
         period = tc["checkpoint_period"]
@@ -454,35 +475,70 @@ def train_epoch(model, loader, epoch: int, start_batch: int, state: dict, cfg: d
             check_finite(all_reduce_sum(window[4:5].clone()).item(), state, it)
             check_weights_finite(model, state, it)
             save_checkpoint([state["last_path"]], model, state, cfg, d)
+        # Every rank votes after every step, so all stop after the same one. The last step of
+        # an epoch is left to the epoch's evaluation and save (the epoch loop stops after it).
+        if state.get("stop") is not None and not last_of_epoch:
+            signame = agree_on_stop(state["stop"].signame, d)
+            if signame:
+                save_and_stop(signame, model, state, cfg, d, window[4:5])
         t_last = time.perf_counter()
     # Skips after the last flushed window (a final batch with no readable image is skipped
     # before the flush); every rank runs the same number of batches, so all reach this.
-    rest = torch.tensor([float(counter["skipped"] - counted)], device=d.device)
-    rest = int(all_reduce_sum(rest.double()).item())
-    skipped_epoch += rest
-    state["skipped_train"] += rest
+    # With the images trained on since then (window[3], flushed only after a trained batch).
+    rest = torch.tensor([float(counter["skipped"] - counted), 0.0], device=d.device).double()
+    rest[1] = window[3]
+    rest = all_reduce_sum(rest)
+    skipped_epoch += int(rest[0].item())
+    state["skipped_train"] += int(rest[0].item())
+    if start_batch == 0 and epoch_loss[1].item() + rest[1].item() == 0:
+        # Before the epoch's checkpoint: no step was taken, so there is nothing to save.
+        raise no_readable_images(cfg, "train", skipped_epoch, f" in epoch {epoch + 1}")
     if skipped_epoch and d.is_main:
         log.warning("epoch %d: skipped %d unreadable training images", epoch + 1, skipped_epoch)
     return epoch_loss[0].item() / max(epoch_loss[1].item(), 1)
 
 
+def save_and_stop(signame: str, model, state: dict, cfg: dict, d, nonfinite=None) -> None:
+    """Write last.pth after the step just done (the guards of a periodic save apply, so a
+    stop never writes diverged weights) and raise StopRequested: the same command resumes at
+    the next iteration. ``nonfinite``: the unflushed window's count of non-finite losses;
+    None when the state was already saved (at the end of an epoch)."""
+    it = state["iteration"] - 1
+    if nonfinite is not None:
+        check_finite(all_reduce_sum(nonfinite.clone()).item(), state, it)
+        check_weights_finite(model, state, it)
+        save_checkpoint([state["last_path"]], model, state, cfg, d)
+    if d.is_main:
+        log.warning("stopped by %s at iteration %d; resume with the same command", signame, it + 1)
+    raise StopRequested(signame, f"iteration {it + 1}")
+
+
 def check_weights_finite(model: nn.Module, state: dict, it: int) -> None:
     """The loss of a step is computed before its update, so a diverging update shows up in the
-    weights first; nothing non-finite is ever written to a checkpoint."""
-    with torch.no_grad():
-        bad = any(not bool(torch.isfinite(p).all()) for p in model.parameters())
-    check_finite(float(bad), state, it)
+    weights first: NaN/Inf or beyond train.divergence_max_weight stop the run."""
+    state["guard"].check_weights(model, it, kept_checkpoint(state))
 
 
 def check_finite(nonfinite: float, state: dict, it: int) -> None:
+    """``nonfinite``: how many steps (over all ranks) had a NaN/Inf loss."""
     if nonfinite > 0:
-        raise FloatingPointError(
-            f"the training loss or weights became NaN/Inf (at or before iteration {it + 1}); "
-            f"stopping. "
-            f"The last good checkpoint is kept at {state['last_path']} (if one was written). "
-            f"Lower the learning rate, add warmup or gradient clipping, or use --amp bf16 "
-            f"instead of fp16"
-        )
+        guard = state["guard"]
+        raise guard.error(
+            it, f"the training loss became NaN/Inf ({guard.level_text()})",
+            kept_checkpoint(state),
+        )  # fmt: skip
+
+
+def kept_checkpoint(state: dict) -> str:
+    """What a diverged run leaves behind, for its error message."""
+    path = state["last_path"]
+    if state.get("saved_iteration") is not None:
+        return f"The last good checkpoint is kept: {path} (iteration {state['saved_iteration']})"
+    if os.path.isfile(path):
+        return f"The last good checkpoint is kept: {path}, untouched by this run"
+    if state.get("moved_to"):
+        return f"This run saved nothing; the previous run's checkpoints are in {state['moved_to']}"
+    return "No checkpoint was written yet"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -492,20 +548,24 @@ def _fmt_time(seconds: float) -> str:
 
 def train(cfg: dict, d: DistInfo) -> dict:
     out = cfg["output_dir"]
-    setup_logging(out, d.is_main)
-    writer = MetricWriter(out, d.is_main)
-    try:
-        return _train(cfg, d, writer)
-    finally:
-        writer.close()
+    # SIGTERM (a scheduler's warning before it kills the job) and SIGINT only set a flag: the
+    # run finishes its step, saves last.pth and raises StopRequested (see train_epoch).
+    with graceful_stop() as stop:
+        setup_logging(out, d.is_main)
+        writer = MetricWriter(out, d.is_main)
+        try:
+            return _train(cfg, d, writer, stop)
+        finally:
+            writer.close()
 
 
-def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
+def _train(cfg: dict, d: DistInfo, writer: MetricWriter, stop=None) -> dict:
     out, tc = cfg["output_dir"], cfg["train"]
     log.info("output dir: %s (%d process%s, %s)", out, d.world, "es" * (d.world > 1), d.device)
     seed_all(cfg["seed"])
     train_set, val_set, classes, in_ch = build_datasets(cfg, train=True)
     log.info("%s", describe_data(cfg, train_set, val_set, classes))
+    check_same_data_on_all_ranks(classes, {"train": len(train_set), "val": len(val_set)})
 
     if d.is_main:  # only rank 0 saves, and it has not saved yet
         for f in ckpt_lib.remove_stale_temp_files(out):
@@ -521,16 +581,14 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
                 f"checkpoint {path!r} was trained on other classes ({len(ckpt['classes'])}: "
                 f"{ckpt['classes'][:3]}...) than this data ({len(classes)}: {classes[:3]}...)"
             )
-        graphs = graphs_from_dict(ckpt["graphs"])  # restored as edge lists, never regenerated
+        # Restored as edge lists, never regenerated; refused if edited after they were saved.
+        graphs = verify_graphs(ckpt["graphs"], ckpt.get("graphs_fingerprint"), path, spec)
     model = build(spec, graphs)
     fingerprint = graphs_fingerprint(get_graphs(model))
     check_same_on_all_ranks(fingerprint, "graph fingerprint")
     log.info("model %s %s, graph fingerprint %s", spec["name"], spec["kwargs"], fingerprint)
-    if d.is_main:
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
-        if tc["complexity"]:
-            log_complexity(model, cfg, in_ch, writer)
+    # Measured on the CPU model; written with config.yaml once everything is validated.
+    complexity = log_complexity(model, cfg, in_ch) if d.is_main and tc["complexity"] else None
 
     model = prepare_model(model, cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -569,7 +627,9 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
         "amp": (amp_dtype, use_scaler), "writer": writer, "iters_per_epoch": ipe,
         "total_iters": total, "iteration": 0, "classes": classes, "skipped_train": 0,
         "metrics": {"best_top1": -1.0}, "last_path": os.path.join(out, ckpt_lib.LAST),
+        "guard": DivergenceGuard(tc),
     }  # fmt: skip
+    state["stop"] = stop  # the graceful_stop flag, voted on after every step
 
     # Per-rank stream for dropout and edge drop (the init above was identical on all ranks).
     seed_all(cfg["seed"] + 1_000_003 * (d.rank + 1))
@@ -593,6 +653,8 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
         model = torch.compile(model)
     train_loader = train_loader_for(train_set, sampler, batch, cfg, d)
     val_loader = eval_loader(val_set, cfg, d)
+    if d.is_main:  # everything above validated: only now does this run write to the folder
+        start_run_files(cfg, path, state, writer, complexity)
 
     result = dict(state["metrics"])
     for epoch in range(start_epoch, cfg["schedule"]["epochs"]):
@@ -612,6 +674,8 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
             state["metrics"].update({k: result[k] for k in ("top1", "top5")})
             result["best_top1"] = state["metrics"]["best_top1"]
         save_checkpoint(paths, model, state, cfg, d)
+        if stop is not None and not last and (signame := agree_on_stop(stop.signame, d)):
+            save_and_stop(signame, model, state, cfg, d)  # saved just above
 
     if start_epoch >= cfg["schedule"]["epochs"]:
         log.info("training already finished at iteration %d; evaluating", start_iter)
@@ -629,6 +693,27 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter) -> dict:
     return final
 
 
+def start_run_files(cfg: dict, path: str | None, state: dict, writer, complexity) -> None:
+    """Set aside the checkpoints of a run this one does not continue (a new run must never
+    replace a good best.pth or last.pth), then write config.yaml and the complexity record."""
+    out = cfg["output_dir"]
+    own_last = os.path.join(out, ckpt_lib.LAST)
+    continues = path is not None and os.path.realpath(path) == os.path.realpath(own_last)
+    if not continues and any(os.path.isfile(os.path.join(out, n)) for n in ckpt_lib.CHECKPOINTS):
+        writer.close()  # metrics.jsonl and tb/ move too; reopened fresh below
+        moved = ckpt_lib.move_previous_run(out)
+        writer.open()
+        if moved:
+            state["moved_to"] = moved[0]
+            log.warning(
+                "not continuing the run in %s: moved its %s to %s",
+                out, ", ".join(moved[1]), moved[0],
+            )  # fmt: skip
+    atomic_write(os.path.join(out, "config.yaml"), lambda f: f.write(to_yaml(cfg)), mode="w")
+    if complexity is not None:
+        writer.write("model", 0, complexity)
+
+
 def load_training_state(ckpt: dict, model, state: dict, d: DistInfo, path: str) -> int:
     """Restore everything needed to continue exactly; return the iteration to continue from."""
     model.load_state_dict(ckpt["model"])
@@ -640,6 +725,7 @@ def load_training_state(ckpt: dict, model, state: dict, d: DistInfo, path: str) 
         state["ema"].load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 0))
     state["metrics"].update(ckpt.get("metrics") or {})
     state["skipped_train"] = int(ckpt.get("skipped_train", 0))
+    state["guard"].load_state_dict(ckpt.get("guard"))  # the level of the run resumed
     it = int(ckpt["iteration"])
     old = ckpt.get("sampler") or {}
     ipe = state["iters_per_epoch"]
@@ -689,19 +775,26 @@ def eval_only(cfg: dict, d: DistInfo) -> dict:
     try:
         path = cfg["eval"]["weights"]
         ckpt = ckpt_lib.load_checkpoint(path)
-        _, val_set, classes, in_ch = build_datasets(cfg, train=False, classes=ckpt.get("classes"))
-        log.info("%s", describe_data(cfg, None, val_set, classes))
-        spec = model_spec(cfg, len(classes), in_ch)
-        ckpt_lib.check_model_spec(ckpt, spec, path, eval_only=True)
-        have = ckpt["model_spec"]
-        graphs = graphs_from_dict(ckpt["graphs"])
-        model = build(have, graphs)
-        check_same_on_all_ranks(graphs_fingerprint(get_graphs(model)), "graph fingerprint")
         weights = "model"
         if cfg["eval"]["ema"]:
             if ckpt.get("ema") is None:
                 raise ValueError(f"--eval-ema: checkpoint {path!r} has no EMA weights")
             weights = "ema"
+        bad = ckpt_lib.nonfinite_tensors(ckpt[weights])
+        if bad:  # any accuracy printed for them would be meaningless
+            raise UserError(
+                f"checkpoint {path!r}: its {weights} weights hold NaN/Inf ({len(bad)} tensors, "
+                f"e.g. {bad[0]}); not evaluating them. Use a checkpoint written before the "
+                f"run diverged (train_cls.py never saves such weights itself)"
+            )
+        _, val_set, classes, in_ch = build_datasets(cfg, train=False, classes=ckpt.get("classes"))
+        log.info("%s", describe_data(cfg, None, val_set, classes))
+        spec = model_spec(cfg, len(classes), in_ch)
+        ckpt_lib.check_model_spec(ckpt, spec, path, eval_only=True)
+        have = ckpt["model_spec"]
+        graphs = verify_graphs(ckpt["graphs"], ckpt.get("graphs_fingerprint"), path, spec)
+        model = build(have, graphs)
+        check_same_on_all_ranks(graphs_fingerprint(get_graphs(model)), "graph fingerprint")
         model.load_state_dict(ckpt[weights])
         model = prepare_model(model, cfg, d)
         r = evaluate(model, eval_loader(val_set, cfg, d), d, cfg)
@@ -724,9 +817,12 @@ def main(cfg: dict) -> dict:
         torch.set_num_threads(int(cfg["threads"]))
     d = init_distributed(cfg["device"])
     try:
-        if cfg["eval"]["only"]:
-            return eval_only(cfg, d)
-        return train(cfg, d)
+        # Held before anything in the folder is read or written (stale temp files, last.pth,
+        # config.yaml, logs). Evaluation takes it too: it appends to metrics.jsonl and log.txt.
+        with output_dir_lock(cfg["output_dir"], d):
+            if cfg["eval"]["only"]:
+                return eval_only(cfg, d)
+            return train(cfg, d)
     finally:
         cleanup()
         torch.set_num_threads(threads)

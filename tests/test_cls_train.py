@@ -25,6 +25,7 @@ from classification.config import resolve
 from classification.distributed import check_same_on_all_ranks
 from rwdet.graphs import graphs_fingerprint, graphs_from_dict
 from rwdet.models import build_model, get_graphs
+from rwdet.run.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "train_cls.py")
@@ -141,10 +142,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, dataset, tmp
     out = str(tmp_path / "run")
     shutil.copytree(cfg["output_dir"], out)
     before = open(os.path.join(out, "last.pth"), "rb").read()
-    # Resume the finished 4-epoch run for a 5th epoch with an infinite lr: the first update
-    # makes the weights non-finite, which must stop the run before anything is saved.
-    args = tiny_args(data, out, epochs=5, extra=["--ema", "--lr", "inf"])
-    with pytest.raises(FloatingPointError, match="NaN/Inf.*last good checkpoint"):
+    # Resume the finished 4-epoch run for a 5th epoch with an lr of 3e38 (an infinite one is
+    # refused as a bad value): the first update sends the weights towards 1e38 (still finite),
+    # which must stop the run before anything is saved.
+    args = tiny_args(data, out, epochs=5, extra=["--ema", "--lr", "3e38"])
+    with pytest.raises(FloatingPointError, match="iteration 53: a weight.*last good checkpoint"):
         trainer.main(tiny_cfg(*args, "train.checkpoint_period=1"))
     assert open(os.path.join(out, "last.pth"), "rb").read() == before
 
@@ -223,12 +225,12 @@ def _mismatch_worker(rank, store, results):
     try:
         check_same_on_all_ranks(f"fingerprint-{rank}", "graph fingerprint")
         msg = "no error"
-    except RuntimeError as e:
+    except UserError as e:  # a user's mistake: one line from the tools, not a traceback
         msg = str(e)
     try:  # the trainer's resume-point check, with its own advice
         check_same_on_all_ranks(f"iteration {rank * 7}", "resume point", "share the folder")
         msg += "\nno error"
-    except RuntimeError as e:
+    except UserError as e:
         msg += "\n" + str(e)
     finally:
         dist.destroy_process_group()
@@ -273,7 +275,8 @@ def test_bad_input_gives_a_clear_error(setup, argv, match, tmp_path, capsys):
         make_fashion_mnist(str(tmp_path / "fm"))
         argv = [*argv, f"data.fashion_mnist_dir={tmp_path}/fm"]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code = load_tool().main([*argv, "--output-dir", str(tmp_path / "out"), "train.complexity=0"])
+    out = str(tmp_path / "out")
+    code = load_tool().main([*argv, "--output-dir", out, "train.complexity=false"])
     err = capsys.readouterr().err
     assert code == 2 and match in err, err
 

@@ -3,21 +3,60 @@
 from pathlib import Path
 
 import pytest
+from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 
 import rwdet.d2  # noqa: F401
 from rwdet.d2 import add_rwdet_config
+from rwdet.d2.safe_config import merge_config_file
+from rwdet.run.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COCO = sorted(p.name for p in CONFIGS.glob("frcnn_*.yaml") if "demo" not in p.name)
 
 
 def load(name):
+    return load_path(str(CONFIGS / name))
+
+
+def load_path(path):
     cfg = get_cfg()
     add_rwdet_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / name))
+    merge_config_file(cfg, path)
     return cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_repo_configs_load_with_the_safe_loader(name):
+    assert load(name).MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+
+
+def test_detectron2_model_zoo_base_loads_with_the_safe_loader(tmp_path):
+    zoo = model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+    (tmp_path / "mine.yaml").write_text(f'_BASE_: "{zoo}"\nSOLVER:\n  BASE_LR: 0.005\n')
+    cfg = load_path(str(tmp_path / "mine.yaml"))
+    # The zoo file's own _BASE_ (../Base-RCNN-FPN.yaml) is read too.
+    assert cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone" and cfg.MODEL.RESNETS.DEPTH == 50
+    assert cfg.SOLVER.BASE_LR == 0.005 and cfg.SOLVER.STEPS == (60000, 80000)
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("", "not a mapping"),
+        ("MODEL: [unclosed\n", "not valid YAML"),
+        ('_BASE_: "mine.yaml"\n', "names itself"),
+        ('_BASE_: ["missing.yaml"]\n', "does not exist"),
+        ("MODEL:\n  NOPE: 1\n", "MODEL.NOPE"),
+        ("SOLVER:\n  BASE_LR: fast\n", "SOLVER.BASE_LR"),
+    ],
+)
+def test_bad_config_files_are_one_line_user_errors(tmp_path, text, says):
+    (tmp_path / "mine.yaml").write_text(text)
+    with pytest.raises(UserError, match=says) as e:
+        load_path(str(tmp_path / "mine.yaml"))
+    assert "mine.yaml" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_issue_configs_exist():

@@ -8,12 +8,26 @@
 
 Multi-node: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT on every machine.
 A run resumes automatically from the last checkpoint in OUTPUT_DIR (--no-auto-resume: don't).
+SIGTERM/SIGINT save a checkpoint after the current iteration and exit 143/130; running the same
+command again continues. A user error ends with one line and exit code 2 (--debug or
+RWDET_DEBUG=1: the traceback).
 """
 
+import sys
+
 from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
 
 import rwdet.d2  # noqa: F401  (registers the rwdet backbones and demo datasets)
-from rwdet.d2.engine import main
+from rwdet.d2.engine import check_request, main
+from rwdet.d2.hooks import forward_stop_to_workers
+from rwdet.run.errors import run_cli
+from rwdet.run.stop import EXIT_STOPPED, StopRequested
+
+PROG = "train_net.py"
+# Exit codes of a worker that already printed its own one-line message (see ``worker_main``).
+QUIET_EXITS = {2, *EXIT_STOPPED.values()}
 
 
 def parse_args(argv=None):
@@ -26,14 +40,47 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def worker_main(args):
+    """``main`` in a process that ``launch`` spawned (``--num-gpus`` > 1): no ``run_cli`` is
+    on this process's stack, so the worker prints its one line itself and exits with the code,
+    which the launcher then reports as its own instead of the worker's traceback. (A spawned
+    worker's ``sys.argv`` is the launcher's, so ``--debug`` reaches it.)"""
+
+    def body(_argv):
+        try:
+            main(args)  # returns the evaluation results, not an exit code
+        except StopRequested as e:
+            if comm.get_rank() != 0:  # rank 0 says it for all
+                sys.exit(e.exit_code)
+            raise
+
+    code = run_cli(body, PROG)
+    if code:
+        sys.exit(code)
+
+
+def cli(argv=None) -> int | None:
+    args = parse_args(argv)
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    if args.num_gpus * args.num_machines == 1:
+        main(args)
+        return None
+    check_request(args)
+    try:
+        with forward_stop_to_workers():
+            launch(
+                worker_main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+    except ProcessExitedException as e:
+        if e.exit_code in QUIET_EXITS:
+            return e.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(cli, PROG))

@@ -5,22 +5,40 @@
 - Saving writes a temporary file and renames it, so a run killed mid-save keeps the previous
   checkpoint, and embeds the backbone's spec and graphs so that ``--eval-only`` and resuming
   rebuild exactly the trained network.
-- Loading checks the file's graphs against the built backbone's, refuses backbone tensors of
+- Loading checks the file's graphs (integrity: the edge lists still hash to the recorded
+  fingerprint; agreement: they are the built backbone's graphs), refuses backbone tensors of
   the wrong shape (weights of another architecture), and reports the backbone's missing and
-  unexpected keys explicitly, also when there are none.
+  unexpected keys explicitly, also when there are none. A file with backbone tensors but no
+  record of its graphs is refused unless ``allow_unverified_graphs``
+  (``MODEL.RWDET.ALLOW_UNVERIFIED_GRAPHS``).
+- Resuming survives kills: temp files of killed saves are removed at the start of training,
+  and when ``last_checkpoint`` is missing or names an older file than the newest complete
+  ``model_*.pth`` (a kill between the model save and the tag), the newest one is resumed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.parallel import DistributedDataParallel
 
-from rwdet.atomic import atomic_write
+from rwdet.atomic import atomic_write, remove_stale_temp_files
+from rwdet.d2.spec import UNVERIFIED_FIX
 from rwdet.d2.weights import BACKBONE_PREFIX, META_KEY, safe_load_pickle
 from rwdet.graphs import graphs_fingerprint, graphs_to_dict
+from rwdet.models.verify import verify_graphs
+from rwdet.run.errors import UserError
+
+logger = logging.getLogger(__name__)
+LAST_CHECKPOINT = "last_checkpoint"
+# What ``save`` writes (detectron2's PeriodicCheckpointer names them model_0004999, model_final).
+SAVED_FILES = ("model_*.pth", LAST_CHECKPOINT)
+_NUMBERED = re.compile(r"model_(\d+)\.pth")
 
 
 def find_rwdet_backbone(model):
@@ -50,8 +68,136 @@ def _atomic_torch_save(data, path: str) -> None:
     atomic_write(path, lambda f: torch.save(data, f))
 
 
+def saved_iteration(path: str) -> int | None:
+    """The iteration a complete checkpoint file was saved at, or None if it does not load.
+
+    Loaded with ``mmap`` (the tensors are not read), so checking many files stays cheap.
+    Without an "iteration" entry: the number in the name, else -1.
+    """
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a legacy (non-zip) file cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+        return None
+    it = data.get("iteration") if isinstance(data, dict) else None
+    if isinstance(it, int):
+        return it
+    m = _NUMBERED.fullmatch(os.path.basename(path))
+    return int(m.group(1)) if m else -1
+
+
+_resume_cache: dict[tuple, str | None] = {}
+
+
+def resume_checkpoint_file(save_dir: str) -> str | None:
+    """The checkpoint a resumed run continues from, or None.
+
+    The file ``last_checkpoint`` names, unless it is missing or names an older file than the
+    newest complete ``model_*.pth``: ``save`` writes the model first and the tag second, so a
+    kill in between leaves a complete newer model and an old tag. A fallback is logged once.
+    """
+    if not os.path.isdir(save_dir):
+        return None
+    names = sorted(f for f in os.listdir(save_dir) if f.startswith("model_") and f.endswith(".pth"))
+    tag_path = os.path.join(save_dir, LAST_CHECKPOINT)
+    state = tuple(
+        (f, st.st_mtime_ns, st.st_size)
+        for f in [*names, LAST_CHECKPOINT]
+        if (st := _stat(os.path.join(save_dir, f))) is not None
+    )
+    key = (os.path.abspath(save_dir), state)
+    if key in _resume_cache:
+        return _resume_cache[key]
+    tagged = None
+    if os.path.isfile(tag_path):
+        with open(tag_path) as f:
+            tagged = f.read().strip() or None
+    tagged_ok = tagged is not None and os.path.isfile(os.path.join(save_dir, tagged))
+    tagged_it = -2
+    if tagged_ok:
+        m = _NUMBERED.fullmatch(tagged)
+        tagged_it = int(m.group(1)) if m else saved_iteration(os.path.join(save_dir, tagged))
+        tagged_ok = tagged_it is not None  # else it loads as its error says, unless a newer one
+        tagged_it = -2 if tagged_it is None else tagged_it
+
+    def number(f):
+        m = _NUMBERED.fullmatch(f)
+        return int(m.group(1)) if m else None
+
+    # Named files whose number is not above the tag's cannot be newer: not even opened.
+    others = [f for f in names if f != tagged and (number(f) is None or number(f) > tagged_it)]
+    others.sort(key=lambda f: (number(f) is not None, -(number(f) or 0)))
+    best, best_it = None, tagged_it
+    for f in others:
+        if number(f) is not None and best is not None and number(f) <= best_it:
+            break  # sorted: no later numbered file can be newer
+        it = saved_iteration(os.path.join(save_dir, f))
+        if it is not None and it > best_it:
+            best, best_it = f, it
+    if best is None:
+        exists = tagged is not None and os.path.isfile(os.path.join(save_dir, tagged))
+        result = os.path.join(save_dir, tagged) if exists else None
+    else:
+        why = (
+            "is missing"
+            if tagged is None
+            else f"names {tagged!r}, which does not exist or does not load"
+            if not tagged_ok
+            else f"names the older {tagged!r} (iteration {tagged_it})"
+        )
+        logger.warning(
+            "%s %s: resuming from %s (iteration %d), the newest complete checkpoint (a run "
+            "killed between saving it and updating the tag)",
+            tag_path,
+            why,
+            best,
+            best_it,
+        )
+        result = os.path.join(save_dir, best)
+    _resume_cache[key] = result
+    return result
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 class RwdetCheckpointer(DetectionCheckpointer):
+    def __init__(self, model, save_dir: str = "", *, allow_unverified_graphs=False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.allow_unverified_graphs = bool(allow_unverified_graphs)
+        self._loading = "the checkpoint"
+
+    def has_checkpoint(self) -> bool:
+        return resume_checkpoint_file(self.save_dir) is not None
+
+    def get_checkpoint_file(self) -> str:
+        return resume_checkpoint_file(self.save_dir) or ""
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Delete the temp files killed saves left; call at the start of training, before any
+        save, in the one process that saves (other ranks do nothing)."""
+        if not (self.save_dir and self.save_to_disk):
+            return []
+        stale = remove_stale_temp_files(self.save_dir, SAVED_FILES)
+        if stale:
+            self.logger.info(
+                "removed %d temp files of killed saves from %s: %s",
+                len(stale),
+                self.save_dir,
+                ", ".join(sorted(stale)),
+            )
+        return stale
+
     def _load_file(self, filename):
+        self._loading = filename
         if filename.endswith(".pkl"):
             data = safe_load_pickle(filename)
             if "model" in data and "__author__" in data:
@@ -84,7 +230,25 @@ class RwdetCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         if bb is not None:
             self._report_backbone(file_keys, incompatible)
+            # After the shape checks, which name the likelier mistake (another architecture).
+            self._refuse_unrecorded_graphs(bb, meta, file_keys)
         return incompatible
+
+    def _refuse_unrecorded_graphs(self, bb, meta: dict | None, file_keys) -> None:
+        recorded = meta is not None and (
+            meta.get("graphs") or meta.get("graphs_fingerprint") is not None
+        )
+        ours = any(k.startswith(BACKBONE_PREFIX) for k in file_keys)
+        if recorded or not ours or not getattr(bb.model, "rwdet_graphs", {}):
+            return
+        if self.allow_unverified_graphs:
+            self.logger.warning("%s records no graphs: loaded unverified", self._loading)
+            return
+        raise UserError(
+            f"{self._loading!r} holds tensors for the rwdet backbone but records no graphs "
+            "(neither edge lists nor a fingerprint), so they may belong to other graphs than "
+            "the backbone's; " + UNVERIFIED_FIX.format(use="them for the backbone's graphs")
+        )
 
     def _check_same_network(self, bb, meta: dict) -> None:
         spec = meta.get("model_spec") or {}
@@ -93,12 +257,23 @@ class RwdetCheckpointer(DetectionCheckpointer):
                 f"the weights are for model {spec['name']!r} but the backbone is "
                 f"{bb.model.rwdet_spec['name']!r} (weights of another architecture)"
             )
-        graphs = getattr(bb.model, "rwdet_graphs", {})
-        want = meta.get("graphs_fingerprint")
-        if want and graphs and graphs_fingerprint(graphs) != want:
-            raise ValueError(
+        stored, fingerprint = meta.get("graphs"), meta.get("graphs_fingerprint")
+        if not stored and fingerprint is None:
+            return  # nothing recorded: refused after the shape checks (_load_model)
+        if fingerprint is None and not self.allow_unverified_graphs:
+            raise UserError(
+                f"{self._loading!r} holds graph edge lists without their fingerprint, so "
+                "nothing shows they are the graphs its tensors were trained with; "
+                + UNVERIFIED_FIX.format(use="its unverified edge lists")
+            )
+        graphs = verify_graphs(stored, fingerprint, repr(self._loading))
+        want = graphs_fingerprint(graphs) if graphs else None
+        built = getattr(bb.model, "rwdet_graphs", {})
+        have = graphs_fingerprint(built) if built else None
+        if want != have:
+            raise UserError(
                 f"the weights were trained with graphs {want} but the backbone was built with "
-                f"graphs {graphs_fingerprint(graphs)}; rebuild from the weights' graphs "
+                f"graphs {have}; rebuild from the weights' graphs "
                 "(unset MODEL.RWDET.GEN/SEED/GRAPH_FILE) or use weights of these graphs"
             )
 

@@ -44,6 +44,12 @@ def add_rwdet_config(cfg: CN) -> None:
     # JSON graph artifact (rwdet.graphs.save_graphs) to build the stages from. Must equal the
     # weights' embedded graphs when both are given. Empty: weights' graphs, else GEN/SEED.
     _C.MODEL.RWDET.GRAPH_FILE = ""
+    # Accept MODEL.WEIGHTS of a model with random graphs (RandWire) that record no verifiable
+    # graphs: no edge lists, or edge lists without their fingerprint (a file edited or written
+    # by hand; tools/convert_cls_to_d2.py always records both). False: such weights are refused,
+    # since tensors trained on other graphs would load without a word. True: the stages use the
+    # file's unverified edge lists, or without any the graphs generated from GEN/SEED.
+    _C.MODEL.RWDET.ALLOW_UNVERIFIED_GRAPHS = False
     # Stem: "imagenet" (stage strides 2..32, what FPN needs) or "small" (the 28-32 px stem,
     # strides 1..8). Empty: the weights' spec (the converter already sets "imagenet").
     _C.MODEL.RWDET.STEM = ""

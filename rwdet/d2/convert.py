@@ -26,8 +26,9 @@ import re
 import torch
 from torch import nn
 
+from rwdet.checkpoint_io import checked_graphs
 from rwdet.d2.weights import AUTHOR, BACKBONE_PREFIX, META_KEY, to_numpy_state
-from rwdet.graphs import graphs_fingerprint, graphs_from_dict, graphs_to_dict
+from rwdet.graphs import graphs_fingerprint, graphs_to_dict
 from rwdet.models import build_model, get_graphs
 
 # Child modules that form a classifier (dropped: a detector never uses them, and parameters
@@ -96,12 +97,18 @@ def _check_same_parameters(name, graphs, state, det_kwargs, stem) -> None:
         )
 
 
-def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False) -> dict:
-    """An rwdet classification checkpoint (contract dict) -> detectron2 weights dict."""
+def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False, where: str = "checkpoint") -> dict:
+    """An rwdet classification checkpoint (contract dict) -> detectron2 weights dict.
+
+    The stored graphs must hash to the stored fingerprint and be the graphs the stored spec
+    generates (``checked_graphs``): an edited edge list whose tensor shapes still fit would
+    otherwise be converted and given a fresh, valid-looking fingerprint. ``where`` names the
+    file in the errors.
+    """
     _check_contract(ckpt)
     spec = ckpt["model_spec"]
     kwargs = dict(spec.get("kwargs") or {})
-    graphs = graphs_from_dict(ckpt["graphs"]) if ckpt["graphs"] else {}
+    graphs = checked_graphs(ckpt, where, spec=spec)
     state = ckpt["model"]
     if use_ema:
         if not ckpt.get("ema"):

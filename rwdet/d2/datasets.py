@@ -3,15 +3,31 @@
 COCO comes from detectron2's builtin registration (``coco_2017_train`` / ``coco_2017_val``
 under ``$DETECTRON2_DATASETS``, default ``./datasets``). The tree-crown demo splits are
 converted from the deepforest package on first use.
+
+A COCO-format json is read once here (detectron2 reads it again when it builds the loader):
+a parse error names the file and the position, images the json lists but the disk lacks are
+listed (otherwise the first batch that draws one fails, hours in), and the boxes detectron2
+changes without a word are counted in one log line: zero or negative width/height (dropped)
+and boxes extending outside their image (clipped to it). Existence is checked with one
+``os.listdir`` per image folder, not a ``stat`` per image: COCO train has 118k images.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from rwdet.d2 import treecrowns
+from rwdet.run.errors import UserError
+
+logger = logging.getLogger(__name__)
+# Tolerance in pixels for "outside the image": annotation tools round box corners.
+CLIP_TOLERANCE = 0.01
+SHOW_MISSING = 5
 
 COCO_LAYOUT = """\
 expected layout (detectron2's builtin COCO):
@@ -40,6 +56,7 @@ def check_datasets(cfg, names: list[str] | None = None) -> None:
         meta = MetadataCatalog.get(name)
         if meta.get("rwdet_treecrowns_root"):
             treecrowns.prepare(meta.rwdet_treecrowns_root)  # made on first use
+            check_coco_json(name, meta.json_file, meta.image_root)
             continue
         missing = [
             p
@@ -47,9 +64,135 @@ def check_datasets(cfg, names: list[str] | None = None) -> None:
             if p is not None and not os.path.exists(p)
         ]
         if not missing:
+            if meta.get("json_file") and meta.get("image_root"):
+                check_coco_json(name, meta.json_file, meta.image_root)
             continue
         if "coco" in name:
             raise FileNotFoundError(
                 f"dataset {name!r}: {missing} not found.\n" + COCO_LAYOUT.format(root=root)
             )
         raise FileNotFoundError(f"dataset {name!r}: {missing} not found")
+
+
+_checked: dict[tuple, tuple[int, int]] = {}
+
+
+def check_coco_json(name: str, json_file: str, image_root: str) -> tuple[int, int]:
+    """Validate a COCO-format dataset (module docstring); returns (dropped, clipped) counts.
+
+    The result is kept per file version, so naming a dataset twice reads its json once.
+    """
+    st = os.stat(json_file)
+    key = (os.path.realpath(json_file), st.st_mtime_ns, st.st_size, os.path.realpath(image_root))
+    if key not in _checked:
+        data = _read_json(name, json_file)
+        images = _images(name, json_file, data)
+        _check_images_exist(name, json_file, image_root, images)
+        _checked[key] = _count_boxes(name, json_file, data, images)
+    dropped, clipped = _checked[key]
+    if dropped or clipped:
+        logger.warning(
+            "dataset %r (%s): %d boxes with zero or negative width/height are dropped and %d "
+            "boxes extending outside their image are clipped to it",
+            name,
+            json_file,
+            dropped,
+            clipped,
+        )
+    return dropped, clipped
+
+
+def _read_json(name: str, json_file: str):
+    try:
+        with open(json_file, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"dataset {name!r}: {json_file} is not valid JSON: {e.msg} at line {e.lineno} "
+            f"column {e.colno} (char {e.pos}); repair or re-export the annotation file"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"dataset {name!r}: {json_file} is not a JSON text file ({e.reason} at byte "
+            f"{e.start}); repair or re-export the annotation file"
+        ) from None
+
+
+def _images(name: str, json_file: str, data) -> dict:
+    """``{image id: image entry}``, after checking the entries detectron2 reads."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(
+            f"dataset {name!r}: {json_file} is not a COCO annotation file (it needs an "
+            "'images' list, and 'annotations' and 'categories' lists to train)"
+        )
+    need = ("id", "file_name", "width", "height")
+    bad = [
+        i
+        for i, im in enumerate(data["images"])
+        if not isinstance(im, dict) or any(k not in im for k in need)
+    ]
+    if bad:
+        raise UserError(
+            f"dataset {name!r}: {len(bad)} entries of 'images' in {json_file} lack one of "
+            f"{list(need)}, e.g. images[{bad[0]}] = {str(data['images'][bad[0]])[:200]}"
+        )
+    return {im["id"]: im for im in data["images"]}
+
+
+def _check_images_exist(name: str, json_file: str, image_root: str, images: dict) -> None:
+    by_folder: dict[str, list[str]] = {}
+    for im in images.values():
+        folder, base = os.path.split(os.path.join(image_root, im["file_name"]))
+        by_folder.setdefault(folder, []).append(base)
+    missing = []
+    for folder, files in by_folder.items():
+        try:
+            present = set(os.listdir(folder))
+        except OSError:  # no such folder, or not a folder: all its images are missing
+            present = set()
+        missing += [os.path.join(folder, f) for f in files if f not in present]
+    if missing:
+        shown = ", ".join(os.path.relpath(p, image_root) for p in missing[:SHOW_MISSING])
+        more = f" and {len(missing) - SHOW_MISSING} more" if len(missing) > SHOW_MISSING else ""
+        raise UserError(
+            f"dataset {name!r}: {len(missing)} of {len(images)} images listed in {json_file} "
+            f"are missing under {image_root}: {shown}{more}; add them or remove their entries "
+            "(file names are relative to the image folder)"
+        )
+
+
+def _count_boxes(name: str, json_file: str, data: dict, images: dict) -> tuple[int, int]:
+    anns = data.get("annotations") or []
+    if not isinstance(anns, list):
+        raise UserError(f"dataset {name!r}: 'annotations' in {json_file} is not a list")
+    dropped = clipped = 0
+    malformed = []
+    for i, a in enumerate(anns):
+        box = a.get("bbox") if isinstance(a, dict) else None
+        try:
+            x, y, w, h = (float(v) for v in box)
+            ok = all(math.isfinite(v) for v in (x, y, w, h))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            malformed.append(i)
+            continue
+        if a.get("iscrowd", 0):
+            continue  # crowd regions never become training boxes
+        if w <= 0 or h <= 0:
+            dropped += 1
+            continue
+        im = images.get(a.get("image_id"))
+        if im is None:
+            continue  # detectron2 reads annotations per listed image: this one is never used
+        t = CLIP_TOLERANCE
+        if x < -t or y < -t or x + w > im["width"] + t or y + h > im["height"] + t:
+            clipped += 1
+    if malformed:
+        i = malformed[0]
+        raise UserError(
+            f"dataset {name!r}: {len(malformed)} annotations in {json_file} have no valid "
+            f"'bbox' (4 finite numbers [x, y, width, height]), e.g. annotations[{i}] = "
+            f"{str(anns[i])[:200]}"
+        )
+    return dropped, clipped

@@ -5,8 +5,10 @@ Three sources can describe the backbone: ``MODEL.RWDET`` keys, the graph file
 ``tools/convert_cls_to_d2.py``. Graph precedence: graph file, then the weights' graphs, then
 the generator (GEN/SEED). Wherever two sources say something about the graphs or the
 parameter shapes (``ARCH_KEYS``) they must agree; a disagreement is an error naming both
-values, never a silent random initialisation. ``STEM``, ``EDGE_DROP`` and ``EXTRA_KWARGS``
-keys outside ``ARCH_KEYS`` are fine-tuning settings: the config's value wins.
+values, never a silent random initialisation. The weights' graphs are used only after their
+integrity check (``rwdet.models.verify``); weights of a model with graphs that record none
+are refused unless ``MODEL.RWDET.ALLOW_UNVERIFIED_GRAPHS``. ``STEM``, ``EDGE_DROP`` and
+``EXTRA_KWARGS`` keys outside ``ARCH_KEYS`` are fine-tuning settings: the config's value wins.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from rwdet.d2.config import NORMS, STEMS
-from rwdet.d2.weights import read_meta
+from rwdet.d2.weights import read_weights_info
 from rwdet.graphs import (
     GENERATORS,
     GraphSpec,
     graphs_fingerprint,
-    graphs_from_dict,
     load_graphs,
 )
 from rwdet.models import build_model, get_graphs, list_models
+from rwdet.models.verify import spec_graphs, verify_graphs
+from rwdet.run.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +127,46 @@ def _check_agree(what: str, cfg_value, weights_value, weights_path: str) -> None
         )
 
 
+UNVERIFIED_FIX = (
+    "convert the classification checkpoint again with tools/convert_cls_to_d2.py (it records "
+    "the graphs and their fingerprint), or set MODEL.RWDET.ALLOW_UNVERIFIED_GRAPHS True to "
+    "accept {use}"
+)
+
+
+def weights_graphs(meta: dict | None, weights: str, allow: bool) -> dict[str, GraphSpec] | None:
+    """The graphs ``MODEL.WEIGHTS`` records, after the integrity check; None if it records none.
+
+    Every file rwdet writes stores the edge lists with their fingerprint, so edge lists without
+    one were edited by hand: refused unless ``allow`` (MODEL.RWDET.ALLOW_UNVERIFIED_GRAPHS).
+    """
+    graphs, fingerprint = (meta or {}).get("graphs"), (meta or {}).get("graphs_fingerprint")
+    if not graphs and fingerprint is None:
+        return None
+    where = f"MODEL.WEIGHTS={weights!r}"
+    if fingerprint is None:
+        if not allow:
+            raise UserError(
+                f"{where} holds graph edge lists without their fingerprint, so nothing shows "
+                "they are the graphs its tensors were trained with; "
+                + UNVERIFIED_FIX.format(use="its unverified edge lists")
+            )
+        logger.warning("%s: using its graph edge lists unverified (no fingerprint)", where)
+    return verify_graphs(graphs, fingerprint, where) or None
+
+
+def _has_graphs(name: str, kwargs: dict) -> bool:
+    try:
+        return bool(spec_graphs({"name": name, "kwargs": kwargs}))
+    except TypeError:  # an option the model rejects: the build reports it, naming the options
+        return False
+
+
 def resolve_backbone_spec(cfg) -> BackboneSpec:
     validate_rwdet_config(cfg)
     c = cfg.MODEL.RWDET
     weights = cfg.MODEL.WEIGHTS
-    meta = read_meta(weights)
+    meta, rwdet_tensors = read_weights_info(weights)
     wspec = (meta or {}).get("model_spec")
     if meta is not None and wspec is None:
         raise ValueError(
@@ -174,7 +212,16 @@ def resolve_backbone_spec(cfg) -> BackboneSpec:
         )
 
     file_graphs = load_graphs(c.GRAPH_FILE) if c.GRAPH_FILE else None
-    w_graphs = graphs_from_dict(meta["graphs"]) if meta and meta.get("graphs") else None
+    allow = bool(c.ALLOW_UNVERIFIED_GRAPHS)
+    w_graphs = weights_graphs(meta, weights, allow)
+    if w_graphs is None and (wspec or rwdet_tensors) and not allow:
+        if file_graphs or _has_graphs(name, {**kwargs, **overrides}):
+            raise UserError(
+                f"MODEL.WEIGHTS={weights!r} holds a {name} backbone but records no graphs "
+                "(neither edge lists nor a fingerprint), so its tensors may belong to other "
+                "graphs than the ones built here; "
+                + UNVERIFIED_FIX.format(use="the graphs the config builds (GRAPH_FILE or GEN/SEED)")
+            )
     if file_graphs and w_graphs and graphs_fingerprint(file_graphs) != graphs_fingerprint(w_graphs):
         raise ValueError(
             f"MODEL.RWDET.GRAPH_FILE={c.GRAPH_FILE!r} (fingerprint "

@@ -13,6 +13,7 @@ Pickles are read with an unpickler that only admits numpy arrays and plain conta
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from urllib.parse import urlparse
@@ -63,11 +64,16 @@ def save_d2_weights(path: str, data: dict) -> None:
 def load_weights_file(path: str) -> dict:
     """Load a ``.pkl`` (safe unpickler) or ``.pth`` (weights_only) weights file as a dict."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    if path.endswith(".pkl"):
-        data = safe_load_pickle(path)
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(errno.ENOENT, f"weights file {path!r} does not exist")
+    try:
+        if path.endswith(".pkl"):
+            data = safe_load_pickle(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, pickle.UnpicklingError):
+            raise
+        raise ValueError(f"weights file {path!r} is unreadable or corrupt: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"weights file {path!r} does not hold a dict (got {type(data).__name__})")
     return data
@@ -77,18 +83,32 @@ def is_local_path(path: str) -> bool:
     return bool(path) and urlparse(path).scheme in ("", "file")
 
 
-def read_meta(path: str) -> dict | None:
-    """The rwdet metadata of a weights file, or None (no file set, a URL, or plain weights)."""
+def read_weights_info(path: str) -> tuple[dict | None, bool]:
+    """``(rwdet metadata or None, whether the file holds rwdet backbone tensors)``.
+
+    ``(None, False)`` for no file set, a URL, or weights of another backbone. ``(None, True)``
+    is a detection state dict of an rwdet backbone whose metadata was lost (saved by hand, or
+    edited): its graphs cannot be checked.
+    """
     if not is_local_path(path):
-        return None
+        return None, False
     path = urlparse(path).path if path.startswith("file:") else path
     if not os.path.isfile(path):
         raise FileNotFoundError(
+            errno.ENOENT,
             f"MODEL.WEIGHTS={path!r} does not exist; convert a classification checkpoint with "
-            "tools/convert_cls_to_d2.py or set MODEL.WEIGHTS to an existing file"
+            "tools/convert_cls_to_d2.py or set MODEL.WEIGHTS to an existing file",
         )
-    meta = load_weights_file(path).get(META_KEY)
-    return meta if isinstance(meta, dict) else None
+    data = load_weights_file(path)
+    meta = data.get(META_KEY)
+    state = data.get("model", data)
+    ours = isinstance(state, dict) and any(str(k).startswith(BACKBONE_PREFIX) for k in state)
+    return (meta if isinstance(meta, dict) else None), ours
+
+
+def read_meta(path: str) -> dict | None:
+    """The rwdet metadata of a weights file, or None (no file set, a URL, or plain weights)."""
+    return read_weights_info(path)[0]
 
 
 def to_numpy_state(state: dict, prefix: str = "") -> dict[str, np.ndarray]:

@@ -250,7 +250,7 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pth")
-    with pytest.raises(SystemExit, match="not an rwdet classification checkpoint"):
+    with pytest.raises(ValueError, match="not an rwdet classification checkpoint"):
         convert_main([str(tmp_path / "x.pth"), str(tmp_path / "x.pkl")])
 
 

@@ -14,6 +14,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rwdet.models.args import add_model_args, model_kwargs_from_args  # noqa: E402
+from rwdet.run.errors import UserError, run_cli  # noqa: E402
+
+PROG = "analyze.py"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt")
+
+
+def at_least_one(args, *flags):
+    """Counts and sizes below 1 reach the model or loader as tracebacks; refuse them here."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} is out of range; {flag} must be an integer >= 1")
 
 
 def cmd_complexity(args):
@@ -27,6 +39,7 @@ def cmd_complexity(args):
     from rwdet.complexity import complexity
     from rwdet.models import build_model
 
+    at_least_one(args, "--input-size")
     if args.table:
         tables = randwire_tables()
         dnw = dnw_table3()
@@ -43,7 +56,7 @@ def cmd_complexity(args):
         return
     args.model = args.model_name or args.model
     if args.model is None:
-        sys.exit("complexity: name a model (e.g. randwire_small) or pass --table")
+        raise UserError("complexity: name a model (e.g. randwire_small) or pass --table")
     kwargs = model_kwargs_from_args(args)
     c = complexity(build_model(args.model, **kwargs), input_size=args.input_size)
     c["model"], c["kwargs"] = args.model, kwargs
@@ -65,8 +78,10 @@ def cmd_graph(args):
 
     name = args.model_name or args.model
     if name is None:
-        sys.exit("graph: name a model (e.g. randwire_small) or an rwdet checkpoint path")
-    if os.path.isfile(name):
+        raise UserError("graph: name a model (e.g. randwire_small) or an rwdet checkpoint path")
+    # Anything that looks like a path is read as a checkpoint, so a missing or wrong file is
+    # reported as a file, not as an unknown model name.
+    if os.path.exists(name) or os.sep in name or name.endswith(CHECKPOINT_SUFFIXES):
         graphs = graphs_from_checkpoint(name)
         label = os.path.basename(name)
     else:
@@ -94,6 +109,7 @@ def cmd_graph(args):
 def cmd_damage(args):
     from rwdet.analysis.damage_run import run_damage
 
+    at_least_one(args, "--max-images", "--limit")
     study = run_damage(
         args.weights, args.data, args.out, args.max_images, args.limit, tuple(args.kinds)
     )
@@ -109,6 +125,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("complexity", help="params, FLOPs (fvcore) and activations")
     p.add_argument("model_name", nargs="?", help="registered model name (or --model)")
@@ -138,7 +155,8 @@ def main(argv=None):
     p.set_defaults(func=cmd_damage)
     args = parser.parse_args(argv)
     args.func(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, PROG))

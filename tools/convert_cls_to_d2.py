@@ -12,15 +12,19 @@ configs/frcnn_r50_baseline.yaml.
 """
 
 import argparse
+import os
+import sys
 
-import torch
-
+from rwdet.checkpoint_io import load_torch_file
 from rwdet.d2.convert import (
     convert_rwdet_checkpoint,
     looks_like_torchvision_resnet,
     torchvision_resnet_to_d2,
 )
 from rwdet.d2.weights import META_KEY, save_d2_weights
+from rwdet.run.errors import UserError, run_cli
+
+PROG = "convert_cls_to_d2.py"
 
 
 def parse_args(argv=None):
@@ -35,27 +39,63 @@ def parse_args(argv=None):
         help="rwdet: rwdet backbone (checkpoints with a model_spec); d2-resnet: detectron2's "
         "ResNet from a torchvision-layout ResNet; auto: by the checkpoint's content",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not args.output.endswith(".pkl"):
-        raise SystemExit(f"output {args.output!r} must end in .pkl (detectron2 reads it as numpy)")
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+def check_output(path: str, overwrite: bool) -> None:
+    """Refuse an output that cannot or should not be written before the (slow) conversion."""
+    if not path.endswith(".pkl"):
+        raise UserError(
+            f"output {path!r} must end in .pkl (detectron2 reads it as numpy); rename it"
+        )
+    if os.path.isdir(path):
+        raise UserError(f"output {path!r} is a directory; name a .pkl file to write")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(
+            f"output {path!r} already exists; pass --overwrite to replace it, or choose "
+            "another name"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):  # the first existing ancestor is where folders get made
+        if os.path.exists(folder):
+            raise UserError(
+                f"output {path!r}: {folder!r} is a file, not a folder; choose another path"
+            )
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(
+            f"output {path!r}: folder {folder!r} is not writable; choose a writable path"
+        )
+
+
+def convert(args) -> dict:
+    ckpt = load_torch_file(args.checkpoint)
     to = args.to
     if to == "auto":
         to = "rwdet" if isinstance(ckpt, dict) and "model_spec" in ckpt else "d2-resnet"
-    if to == "rwdet":
-        data = convert_rwdet_checkpoint(ckpt, use_ema=args.ema)
-    else:
+    try:
+        if to == "rwdet":
+            return convert_rwdet_checkpoint(ckpt, use_ema=args.ema, where=repr(args.checkpoint))
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-        if not looks_like_torchvision_resnet(state):
-            raise SystemExit(
-                f"{args.checkpoint}: not an rwdet classification checkpoint (no 'model_spec') "
-                "and not a torchvision-layout ResNet state dict"
+        if not isinstance(state, dict) or not looks_like_torchvision_resnet(state):
+            raise UserError(
+                f"{args.checkpoint!r}: not an rwdet classification checkpoint (no 'model_spec') "
+                "and not a torchvision-layout ResNet state dict; pass a checkpoint written by "
+                "tools/train_cls.py"
             )
-        data = torchvision_resnet_to_d2(state)
+        return torchvision_resnet_to_d2(state)
+    except UserError:
+        raise
+    except ValueError as e:  # the conversion's own checks: name the file they are about
+        raise UserError(f"{args.checkpoint!r}: {e}") from e
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_output(args.output, args.overwrite)
+    data = convert(args)
     save_d2_weights(args.output, data)
     meta = data[META_KEY]
     spec = meta.get("model_spec") or {"name": "detectron2 ResNet"}
@@ -66,7 +106,8 @@ def main(argv=None):
         print(f"  dropped classifier modules: {meta['dropped_modules']}")
     if meta.get("graphs_fingerprint"):
         print(f"  graphs fingerprint: {meta['graphs_fingerprint']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, PROG))

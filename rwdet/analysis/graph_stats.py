@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import networkx as nx
-import torch
 
-from rwdet.graphs import GraphSpec, graphs_from_dict, longest_path_length
+from rwdet.checkpoint_io import checked_graphs, load_rwdet_checkpoint
+from rwdet.graphs import GraphSpec, longest_path_length
+from rwdet.run.errors import UserError
 
 
 def stage_stats(spec: GraphSpec) -> dict:
@@ -30,8 +31,13 @@ def stage_stats(spec: GraphSpec) -> dict:
 
 
 def graphs_from_checkpoint(path: str) -> dict[str, GraphSpec]:
-    """Stage graphs stored in an rwdet classification checkpoint (no model is built)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "graphs" not in ckpt:
-        raise ValueError(f"{path!r} holds no 'graphs'; pass an rwdet classification checkpoint")
-    return graphs_from_dict(ckpt["graphs"])
+    """Stage graphs stored in an rwdet classification checkpoint (no model is built).
+
+    Loaded safely and checked against the stored fingerprint and model spec, so a plot never
+    shows an edited graph as the trained one; a bad file is a one-line ``UserError`` naming it.
+    """
+    ckpt = load_rwdet_checkpoint(path, required=("graphs",))
+    if not ckpt["graphs"]:
+        raise UserError(f"{path!r} holds no stage graphs (a model without random graphs?)")
+    spec = ckpt.get("model_spec")
+    return checked_graphs(ckpt, repr(path), spec=spec if isinstance(spec, dict) else None)

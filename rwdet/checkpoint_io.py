@@ -1,0 +1,89 @@
+"""Loading a user-named checkpoint file safely, with every failure as one line naming the file.
+
+``torch.load`` on a file the user named can fail in many ways that are the user's to fix: a
+folder or an empty file, a text file (``KeyError: 101``), a truncated zip, a pickle of arbitrary
+objects. ``weights_only=True`` keeps code from running; this module turns each failure into a
+``UserError`` that names the file and says what to pass instead. Used by the Detectron2
+converter and ``tools/analyze.py``; ``classification/`` has its own loader (``rwdet`` does not
+import it).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+
+import torch
+
+from rwdet.run.errors import UserError
+
+RWDET_KEYS = ("model", "model_spec", "graphs")
+_FIX = "pass a checkpoint written by tools/train_cls.py (e.g. output/<run>/best.pth)"
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """torch's refusal, without its advice to retry with weights_only=False (that runs code)."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e), re.S)
+    return " ".join((m[1] if m else str(e)).split())[:200]
+
+
+def load_torch_file(path: str, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` on the CPU; a ``UserError`` for a bad file."""
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path!r} does not exist; {_FIX}")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a directory; {_FIX}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what} {path!r} is empty (0 bytes, an interrupted copy?); {_FIX}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{what} {path!r} holds objects other than tensors and plain values and is refused "
+            f"(weights_only loading: {_unpickling_reason(e)}); {_FIX}"
+        ) from None
+    except OSError:
+        raise  # permissions and the like: run_cli names the file and the reason
+    except Exception as e:  # noqa: BLE001 - any parse failure of the file's bytes is the file's
+        # torch's first sentence says what broke; the rest is advice meant for its developers
+        reason = re.split(r"(?<=\.)\s", " ".join(str(e).split()))[0][:160] or "no details"
+        raise UserError(
+            f"{what} {path!r} is not a readable PyTorch file, truncated or corrupt "
+            f"({type(e).__name__}: {reason}); {_FIX}"
+        ) from None
+
+
+def load_rwdet_checkpoint(path: str, required: tuple[str, ...] = RWDET_KEYS) -> dict:
+    """An rwdet classification checkpoint (a dict with ``required`` keys), safely loaded."""
+    ckpt = load_torch_file(path)
+    if not isinstance(ckpt, dict):
+        raise UserError(
+            f"{path!r} holds a {type(ckpt).__name__}, not an rwdet classification checkpoint "
+            f"(a dict with keys {list(required)}); {_FIX}"
+        )
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise UserError(
+            f"{path!r} is not an rwdet classification checkpoint: it lacks the key(s) {missing}; "
+            f"{_FIX}"
+        )
+    return ckpt
+
+
+def checked_graphs(ckpt: dict, where: str, spec: dict | None = None) -> dict:
+    """The checkpoint's stage graphs after ``verify_graphs`` (fingerprint, and ``spec`` when
+    given); a malformed 'graphs' entry is a ``UserError`` naming the file (``where``), not a
+    ``TypeError``."""
+    from rwdet.graphs import graphs_from_dict
+    from rwdet.models.verify import verify_graphs
+
+    stored = ckpt.get("graphs")
+    try:
+        if stored:
+            graphs_from_dict(stored)
+    except (TypeError, AttributeError, KeyError) as e:
+        raise UserError(
+            f"{where} has a malformed 'graphs' entry ({type(e).__name__}: {e}); {_FIX}"
+        ) from None
+    return verify_graphs(stored, ckpt.get("graphs_fingerprint"), where, spec=spec)

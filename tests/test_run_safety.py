@@ -33,6 +33,7 @@ def _raise(e):
         (OSError(30, "Read-only file system", "/ro"), "choose a writable --output-dir"),
         (FileNotFoundError(2, "No such file or directory", "w.pth"), "'w.pth': No such file"),
         (ValueError("two\n   lines"), "tool.py: error: two lines"),
+        (FileNotFoundError("data root 'x' does not exist"), "error: data root 'x' does not"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(error, line, capsys):
@@ -122,3 +123,34 @@ def test_verify_graphs_refuses_edited_edges_and_graphs_of_another_spec():
     _, good, fp = _tiny()
     with pytest.raises(GraphMismatchError, match="pass the generator, parameters and seed"):
         verify_graphs(good, fp, "w.pth", other)
+
+
+FORKED_CHILD_OUTLIVES = """
+import os, sys, time
+from rwdet.run import OutputDirLock
+OutputDirLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # a DataLoader-like worker that outlives its parent for a while
+    time.sleep(30)
+    os._exit(0)
+print('held', flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKED_CHILD_OUTLIVES, out],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        proc.kill()  # the parent dies; its forked child sleeps on
+        proc.wait()
+        with OutputDirLock(out):
+            pass
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -34,8 +34,15 @@ _USER_ERRNOS = {
 }  # fmt: skip
 
 
+# Raised with a message alone (no errno) by rwdet for a missing file or folder the user named.
+_USER_OSERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+                  PermissionError)  # fmt: skip
+
+
 def is_user_error(e: BaseException) -> bool:
     if isinstance(e, (ValueError, FloatingPointError, pickle.UnpicklingError, EOFError)):
+        return True
+    if isinstance(e, _USER_OSERRORS):
         return True
     return isinstance(e, OSError) and e.errno in _USER_ERRNOS
 

@@ -154,3 +154,46 @@ def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
             pass
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_atomic_files_get_the_umask_permissions_not_0600(tmp_path):
+    from rwdet.atomic import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "a.pth"), lambda f: f.write(b"x"))
+        os.umask(0o027)
+        atomic_write(str(tmp_path / "b.pth"), lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.pth").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "b.pth").st_mode & 0o777 == 0o640
+
+
+def test_disk_full_inside_torch_save_is_reported_as_the_os_error(tmp_path):
+    import errno
+    import io
+
+    import torch
+
+    from rwdet.atomic import atomic_write
+
+    class Full(io.RawIOBase):  # a disk that fills up after the first kilobyte
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+    path = str(tmp_path / "last.pth")
+    with pytest.raises(OSError) as info:  # torch.save itself raises a RuntimeError here
+        atomic_write(path, lambda f: torch.save({"w": torch.zeros(4096)}, Full(f)))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == path
+    assert os.listdir(tmp_path) == []  # no temp file left behind
+    assert run_cli(_raise(info.value), "train_cls.py", []) == 2

@@ -33,7 +33,7 @@ OUT=output/det/frcnn_randwire_demo
 mkdir -p output/det
 start=$(date +%s)
 echo "demo_det: converting $CKPT -> $WEIGHTS"
-$PY tools/convert_cls_to_d2.py "$CKPT" "$WEIGHTS"
+$PY tools/convert_cls_to_d2.py "$CKPT" "$WEIGHTS" --overwrite  # the demo remakes it each run
 echo "demo_det: fine-tuning Faster R-CNN + FPN on the tree crowns (CPU; log in $OUT/log.txt)"
 # A fresh fine-tune each time: the demo checkpoint (and its graphs) may have changed.
 $PY tools/train_net.py --config-file configs/frcnn_randwire_demo.yaml --no-auto-resume \

@@ -90,83 +90,41 @@ def saved_iteration(path: str) -> int | None:
     return int(m.group(1)) if m else -1
 
 
-_resume_cache: dict[tuple, str | None] = {}
+_reported: set[tuple[str, str]] = set()  # fallbacks already logged (has_checkpoint, then load)
 
 
 def resume_checkpoint_file(save_dir: str) -> str | None:
     """The checkpoint a resumed run continues from, or None.
 
-    The file ``last_checkpoint`` names, unless it is missing or names an older file than the
-    newest complete ``model_*.pth``: ``save`` writes the model first and the tag second, so a
-    kill in between leaves a complete newer model and an old tag. A fallback is logged once.
+    The newest complete file among ``model_*.pth`` and the one ``last_checkpoint`` names (it
+    wins a tie): ``save`` writes the model first and the tag second, so a kill in between
+    leaves a complete newer model and an old tag (or none). A fallback is logged once.
     """
     if not os.path.isdir(save_dir):
         return None
-    names = sorted(f for f in os.listdir(save_dir) if f.startswith("model_") and f.endswith(".pth"))
-    tag_path = os.path.join(save_dir, LAST_CHECKPOINT)
-    state = tuple(
-        (f, st.st_mtime_ns, st.st_size)
-        for f in [*names, LAST_CHECKPOINT]
-        if (st := _stat(os.path.join(save_dir, f))) is not None
-    )
-    key = (os.path.abspath(save_dir), state)
-    if key in _resume_cache:
-        return _resume_cache[key]
     tagged = None
+    tag_path = os.path.join(save_dir, LAST_CHECKPOINT)
     if os.path.isfile(tag_path):
         with open(tag_path) as f:
             tagged = f.read().strip() or None
-    tagged_ok = tagged is not None and os.path.isfile(os.path.join(save_dir, tagged))
-    tagged_it = -2
-    if tagged_ok:
-        m = _NUMBERED.fullmatch(tagged)
-        tagged_it = int(m.group(1)) if m else saved_iteration(os.path.join(save_dir, tagged))
-        tagged_ok = tagged_it is not None  # else it loads as its error says, unless a newer one
-        tagged_it = -2 if tagged_it is None else tagged_it
-
-    def number(f):
-        m = _NUMBERED.fullmatch(f)
-        return int(m.group(1)) if m else None
-
-    # Named files whose number is not above the tag's cannot be newer: not even opened.
-    others = [f for f in names if f != tagged and (number(f) is None or number(f) > tagged_it)]
-    others.sort(key=lambda f: (number(f) is not None, -(number(f) or 0)))
-    best, best_it = None, tagged_it
-    for f in others:
-        if number(f) is not None and best is not None and number(f) <= best_it:
-            break  # sorted: no later numbered file can be newer
-        it = saved_iteration(os.path.join(save_dir, f))
-        if it is not None and it > best_it:
-            best, best_it = f, it
-    if best is None:
-        exists = tagged is not None and os.path.isfile(os.path.join(save_dir, tagged))
-        result = os.path.join(save_dir, tagged) if exists else None
-    else:
-        why = (
-            "is missing"
-            if tagged is None
-            else f"names {tagged!r}, which does not exist or does not load"
-            if not tagged_ok
-            else f"names the older {tagged!r} (iteration {tagged_it})"
-        )
+    names = {f for f in os.listdir(save_dir) if _NUMBERED.fullmatch(f) or f == "model_final.pth"}
+    names |= {n for n in [tagged] if n and os.path.isfile(os.path.join(save_dir, n))}
+    iterations = {f: saved_iteration(os.path.join(save_dir, f)) for f in names}
+    complete = {f: it for f, it in iterations.items() if it is not None}
+    if not complete:  # nothing loads: the tagged file, if any, fails with its own error
+        return os.path.join(save_dir, tagged) if tagged in names else None
+    newest = max(sorted(complete), key=lambda f: (complete[f], f == tagged))
+    if newest != tagged and (save_dir, newest) not in _reported:
+        _reported.add((save_dir, newest))
         logger.warning(
             "%s %s: resuming from %s (iteration %d), the newest complete checkpoint (a run "
             "killed between saving it and updating the tag)",
             tag_path,
-            why,
-            best,
-            best_it,
+            "is missing" if tagged is None else f"names {tagged!r}",
+            newest,
+            complete[newest],
         )
-        result = os.path.join(save_dir, best)
-    _resume_cache[key] = result
-    return result
-
-
-def _stat(path: str):
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
+    return os.path.join(save_dir, newest)
 
 
 class RwdetCheckpointer(DetectionCheckpointer):

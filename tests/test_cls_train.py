@@ -130,9 +130,21 @@ def test_eval_only_matches_training_eval(trained, dataset, tmp_path):
 
 @pytest.mark.slow
 def test_auto_resume_of_a_finished_run_only_evaluates(trained):
+    """Nothing is retrained: the checkpoints and the train/eval records stay as they were (an
+    equal top-1 alone would also pass a silent retrain from the restored weights)."""
     cfg, result, _ = trained
+    out = cfg["output_dir"]
+    saved = {n: open(os.path.join(out, n), "rb").read() for n in ("last.pth", "best.pth")}
+    before = {kind: records(out, kind) for kind in ("train", "eval")}
+    log_before = len(open(os.path.join(out, "log.txt")).read())
     r = trainer.main(cfg)
     assert r["top1"] == pytest.approx(result["top1"])
+    assert {n: open(os.path.join(out, n), "rb").read() for n in saved} == saved
+    assert {kind: records(out, kind) for kind in before} == before
+    log = open(os.path.join(out, "log.txt")).read()[log_before:]
+    assert "training already finished at iteration 52; evaluating" in log
+    assert " iter " not in log and "precise BN" not in log, log  # no step, no BN recompute
+    assert not os.path.exists(os.path.join(out, "previous"))
 
 
 @pytest.mark.slow
@@ -286,5 +298,7 @@ def test_cuda_bf16_training(dataset, tmp_path):
     data, n_val = dataset
     args = tiny_args(data, str(tmp_path), extra=["--device", "cuda", "--amp", "bf16"])
     result = trainer.main(tiny_cfg(*args, "--channels-last"))
-    assert result["count"] == n_val and result["top1"] > CHANCE + 20
+    # The CPU run of these 3 epochs reaches 100%: a bf16 pipeline that learns nothing sits at
+    # chance (33%), one that learns a class or two at 67% at most.
+    assert result["count"] == n_val and result["top1"] > CHANCE + 40, result
     assert records(str(tmp_path), "train")[-1]["peak_mem_mb"] > 0

@@ -32,6 +32,7 @@ from rwdet.d2.checkpoint import RwdetCheckpointer, resume_checkpoint_file
 from rwdet.d2.config import add_rwdet_config
 from rwdet.d2.datasets import check_datasets
 from rwdet.d2.hooks import StopOnSignal, forwarded_stop, quiet_stop_logging
+from rwdet.d2.rescale import check_batch_split, rescaling_note
 from rwdet.d2.safe_config import merge_config_file, merge_config_opts
 from rwdet.run.errors import UserError
 from rwdet.run.lock import OutputDirLock
@@ -49,7 +50,11 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg, stop_flags=()):
         TrainerBase.__init__(self)
         self._stop_flags = stop_flags
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        scaled = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        note = rescaling_note(cfg, scaled)
+        if note:
+            logger.info(note)
+        cfg = scaled
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -156,6 +161,8 @@ def check_request(args):
     cfg = load_config(args)
     if args.eval_only:
         check_eval_weights(cfg, args)
+    else:
+        check_batch_split(cfg, args.num_gpus * args.num_machines)
     return cfg
 
 

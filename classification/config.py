@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import yaml
 
+from rwdet.models.args import GEN_CHOICES, NODE_OP_CHOICES  # live registry views
 from rwdet.run.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -35,6 +36,14 @@ DEFAULTS: dict = {
     # Training seed: weight init, data order, augmentation, dropout, edge drop. Graphs use
     # model.seed, so the same wiring can be trained with several training seeds.
     "seed": 0,
+    # A checkpoint written by train_cls.py. With eval.only it is evaluated; otherwise training
+    # starts from its weights (fine-tuning: graphs from the checkpoint, checked against the
+    # model asked for; optimizer, schedule and epoch start afresh). A resumed run continues its
+    # own last.pth instead. None: train from a random initialisation.
+    "weights": None,
+    # Fine-tuning: false re-initialises classifier tensors whose shape differs (another class
+    # count) and says which; true requires every tensor to fit. Other differences are errors.
+    "weights_strict": False,
     "model": {
         # A model registered in rwdet.models (rwdet.models.list_models()).
         "name": "randwire_small",
@@ -152,10 +161,8 @@ DEFAULTS: dict = {
         "divergence_max_weight": 1.0e4,
     },
     "eval": {
-        # Only evaluate eval.weights (no training).
+        # Only evaluate the checkpoint given as weights (no training).
         "only": False,
-        # Checkpoint to evaluate with eval.only.
-        "weights": None,
         # Global evaluation batch size.
         "batch_size": 256,
         # Evaluate the checkpoint's EMA weights instead of the model weights (eval.only).
@@ -198,15 +205,13 @@ _RULES: dict[str, Rule] = {
     "output_dir": Rule(str, none=True, example="output/cls/my_run"),
     "device": Rule(choices=("auto", "cpu", "cuda"), example="cpu"),
     "threads": Rule(int, ">= 1", none=True, example=4),
-    "model.gen": Rule(str, choices=("er", "ba", "ws", "complete"), none=True, example="ws"),
+    "model.gen": Rule(str, choices=GEN_CHOICES, none=True, example="ws"),
     "model.gen_params": Rule(dict, example="{k: 4, p: 0.75}", expected="a mapping of numbers"),
     "model.seed": Rule(int, none=True, example=1),
     "model.wiring": Rule(str, none=True, example="static"),
     "model.nodes": Rule(int, ">= 1", none=True, example=32),
     "model.channels": Rule(int, ">= 1", none=True, example=78),
-    "model.node_op": Rule(
-        str, choices=("sepconv", "conv", "maxpool", "avgpool"), none=True, example="conv"
-    ),
+    "model.node_op": Rule(str, choices=NODE_OP_CHOICES, none=True, example="conv"),
     "model.kwargs": Rule(dict, example="{dropout: 0.2}"),
     "data.name": Rule(choices=("auto", "imagenet", "fashion_mnist"), example="imagenet"),
     "data.root": Rule(str, none=True, example="/data/imagenet"),
@@ -236,7 +241,7 @@ _RULES: dict[str, Rule] = {
     "train.divergence_patience": Rule(bound=">= 1"),
     "train.divergence_max_weight": Rule(bound=">= 0"),
     "train.resume": Rule((bool, str), example=False, expected="true, false or a checkpoint path"),
-    "eval.weights": Rule(str, none=True, example="output/cls/my_run/best.pth"),
+    "weights": Rule(str, none=True, example="output/cls/my_run/best.pth"),
     "eval.batch_size": Rule(bound=">= 1"),
 }
 
@@ -570,7 +575,7 @@ def finalize(cfg: dict) -> dict:
             "this recipe trains on a folder in ImageNet layout but no data root was given; "
             "pass --data ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*)"
         )
-    if cfg["eval"]["only"] and not cfg["eval"]["weights"]:
+    if cfg["eval"]["only"] and not cfg["weights"]:
         raise UserError("--eval-only needs --weights PATH (a checkpoint written by train_cls.py)")
     if cfg["name"] is None:
         cfg["name"] = run_name(cfg)

@@ -3,10 +3,11 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rwdet.graphs import GraphSpec
 from rwdet.models import build_model, get_graphs
-from rwdet.nn import GraphStage, StaticGates
+from rwdet.nn import GraphStage, StaticGates, build_node_op
 
 
 class Probe(nn.Module):
@@ -218,3 +219,62 @@ def test_bad_model_arguments(kwargs, needle):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="randwire_small"):
         build_model("randwire_huge")
+
+
+# ------------------------------------------------- node operations (RandWire Figure 6 ablation)
+NODE_OP_POOLS = {"maxpool": nn.MaxPool2d, "avgpool": nn.AvgPool2d}
+POOLS = tuple(NODE_OP_POOLS.values())
+
+
+@pytest.mark.parametrize("op", ["sepconv", "conv", "maxpool", "avgpool"])
+def test_every_node_op_replaces_the_transformation_of_all_nodes_and_trains(op):
+    model = build_model(
+        "randwire_small", node_op=op, channels=8, nodes=6, num_classes=5, head_channels=16
+    )
+    stages = [m for m in model.modules() if isinstance(m, GraphStage)]
+    ops = [node for stage in stages for node in stage.nodes]
+    assert len(stages) == 3 and len(ops) == 18
+    assert {type(node) for node in ops} == {type(build_node_op(op, 8, 8, 1))}
+    pools = [m for node in ops for m in node.modules() if isinstance(m, POOLS)]
+    assert {type(p) for p in pools} == ({NODE_OP_POOLS[op]} if op in NODE_OP_POOLS else set())
+    assert len(pools) == (len(ops) if op in NODE_OP_POOLS else 0)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("op", ["maxpool", "avgpool"])
+def test_pooling_node_op_is_relu_3x3_pool_1x1_conv_bn(op, stride):
+    """RandWire §4.1: "3x3 max-/average-pooling followed by a 1x1 convolution" in place of the
+    conv of the ReLU-conv-BN triplet. A downsampling node pools with the stride (as the 3x3
+    depthwise conv of sepconv strides); the 1x1 conv changes the channels. The paper does not
+    say how a pool treats the zero padding, so only outputs away from the border are compared."""
+    torch.manual_seed(0)
+    node = build_node_op(op, 4, 6, stride).eval()
+    (conv,) = [m for m in node.modules() if isinstance(m, nn.Conv2d)]
+    (bn,) = [m for m in node.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert conv.kernel_size == (1, 1) and conv.bias is None
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 8, 8)
+    pool = {"maxpool": F.max_pool2d, "avgpool": F.avg_pool2d}[op]
+    y = F.conv2d(pool(torch.relu(x), 3, stride, 1), conv.weight)
+    y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    got = node(x)
+    assert got.shape == (2, 6, 8 // stride, 8 // stride)
+    inner = slice(1, -1 if stride == 1 else None)  # windows that cover no padding
+    torch.testing.assert_close(got[..., inner, inner], y[..., inner, inner])
+
+
+def test_width_matching_follows_the_models_own_graphs():
+    # Matching used to count FLOPs on WS(4, 0.75) seed-1 graphs whatever the model's generator:
+    # an 8-node ER model with a conv node op then failed ("k=4 is out of range").
+    kw = {"nodes": 8, "gen": "er", "gen_params": {"p": 0.3}, "seed": 2, "node_op": "conv"}
+    model = build_model("randwire_small", **kw)
+    from rwdet.models.width import matched_channels
+
+    graph_kwargs = {k: kw[k] for k in ("gen", "gen_params", "seed")}
+    assert model.stage_channels["conv2"] == matched_channels("small", 78, 8, "conv", **graph_kwargs)

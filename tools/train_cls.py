@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from classification.config import resolve  # noqa: E402
+from rwdet.models.args import GEN_PARAM_FLAGS, add_model_args  # noqa: E402
 from rwdet.run.errors import UserError, run_cli  # noqa: E402
 
 PROG = "train_cls.py"
@@ -39,17 +40,7 @@ def parse_args(argv=None):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="recipe YAML, e.g. configs/cls/randwire_small.yaml")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="registered model name (rwdet.models.list_models())")
-    g.add_argument("--gen", choices=["er", "ba", "ws", "complete"], help="graph generator")
-    g.add_argument("--k", type=int, help="WS: neighbours (even)")
-    g.add_argument("--p", type=float, help="ER/WS: probability")
-    g.add_argument("--m", type=int, help="BA: edges per new node")
-    g.add_argument("--seed", type=int, help="graph seed (fixes every stage graph)")
-    g.add_argument("--wiring", help="wiring mode (static = RandWire)")
-    g.add_argument("--nodes", type=int, help="N, nodes per stage")
-    g.add_argument("--channels", type=int, help="C, base width")
-    g.add_argument("--node-op", choices=["sepconv", "conv", "maxpool", "avgpool"], help="node op")
+    add_model_args(p, default_model=None)  # --gen / --node-op choices: the live registries
     g = p.add_argument_group("data and schedule")
     g.add_argument(
         "--data", help="ImageNet-layout root (ROOT/train, ROOT/val); default: Fashion-MNIST"
@@ -77,7 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-resume", action="store_true", help="start afresh even if a checkpoint exists"
     )
     g.add_argument("--eval-only", action="store_true", help="only evaluate --weights")
-    g.add_argument("--weights", help="checkpoint to evaluate")
+    g.add_argument(
+        "--weights",
+        help="checkpoint to evaluate (--eval-only) or to start training from (fine-tuning)",
+    )
+    g.add_argument(
+        "--weights-strict",
+        action="store_true",
+        help="fine-tuning: every tensor must fit (default: a classifier of another shape is "
+        "re-initialised)",
+    )
     g.add_argument("--test-size", type=int, help="evaluation crop size (e.g. 320)")
     g.add_argument("--eval-ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights")
@@ -104,7 +104,7 @@ def flags_from_args(a) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = value
 
-    gen_params = {k: getattr(a, k) for k in ("k", "p", "m") if getattr(a, k) is not None}
+    gen_params = {k: getattr(a, k) for k in GEN_PARAM_FLAGS if getattr(a, k) is not None}
     for path, value in [
         ("model.name", a.model), ("model.gen", a.gen), ("model.seed", a.seed),
         ("model.wiring", a.wiring), ("model.nodes", a.nodes), ("model.channels", a.channels),
@@ -115,11 +115,12 @@ def flags_from_args(a) -> dict:
         ("train.batch_size", a.batch_size), ("optim.lr", a.lr), ("optim.weight_decay", a.wd),
         ("optim.clip_grad", a.clip_grad), ("seed", a.train_seed), ("output_dir", a.output_dir),
         ("name", a.name), ("train.amp", a.amp), ("device", a.device),
-        ("train.resume", False if a.no_resume else a.resume), ("eval.weights", a.weights),
+        ("train.resume", False if a.no_resume else a.resume), ("weights", a.weights),
     ]:  # fmt: skip
         put(path, value)
     for path, on in [
-        ("eval.only", a.eval_only), ("eval.ema", a.eval_ema), ("train.ema", a.ema),
+        ("eval.only", a.eval_only), ("weights_strict", a.weights_strict),
+        ("eval.ema", a.eval_ema), ("train.ema", a.ema),
         ("train.channels_last", a.channels_last), ("train.compile", a.compile),
         ("train.sync_bn", a.sync_bn), ("data.gpu_decode", a.gpu_decode),
     ]:  # fmt: skip

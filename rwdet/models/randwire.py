@@ -163,7 +163,10 @@ def _with_matched_width(defaults: dict, kw: dict) -> dict:
     args = {**defaults, **kw}
     op = kw.get("node_op", "sepconv")
     if op != "sepconv" and "channels" not in kw:
-        args["channels"] = matched_channels(args["regime"], defaults["channels"], args["nodes"], op)
+        graph_kwargs = {k: args[k] for k in ("gen", "gen_params", "seed", "graphs") if k in args}
+        args["channels"] = matched_channels(
+            args["regime"], defaults["channels"], args["nodes"], op, **graph_kwargs
+        )
     return args
 
 

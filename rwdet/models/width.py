@@ -7,10 +7,12 @@ network's FLOPs stay nearest to the separable-conv network's.
 
 from __future__ import annotations
 
-import functools
+import json
 
 import torch
 from torch import nn
+
+from rwdet.graphs import graphs_fingerprint
 
 _PROBE_SIZE = 64  # FLOPs of these fully-convolutional nets scale with the input area
 
@@ -43,14 +45,32 @@ def conv_fc_macs(model: nn.Module, size: int) -> int:
     return total[0]
 
 
-@functools.lru_cache(maxsize=64)
-def matched_channels(regime: str, channels: int, nodes: int, node_op: str, seed: int = 1) -> int:
-    """The C for ``node_op`` whose FLOPs are nearest to the sepconv network with ``channels``."""
+_MATCHED: dict[tuple, int] = {}  # searches are slow (dozens of meta-device builds): memoised
+
+
+def matched_channels(regime: str, channels: int, nodes: int, node_op: str, **graph_kwargs) -> int:
+    """The C for ``node_op`` whose FLOPs are nearest to the sepconv network with ``channels``.
+
+    ``graph_kwargs`` (``gen``, ``gen_params``, ``seed`` or ``graphs``) are the model's own:
+    the count follows its graphs, not a default generator's.
+    """
+    graphs = graph_kwargs.get("graphs")
+    key = (
+        regime, channels, nodes, node_op, graph_kwargs.get("gen"), graph_kwargs.get("seed"),
+        json.dumps(graph_kwargs.get("gen_params"), sort_keys=True),
+        graphs_fingerprint(graphs) if graphs else None,
+    )  # fmt: skip
+    if key not in _MATCHED:
+        _MATCHED[key] = _search_channels(regime, channels, nodes, node_op, graph_kwargs)
+    return _MATCHED[key]
+
+
+def _search_channels(regime, channels, nodes, node_op, graph_kwargs) -> int:
     from rwdet.models.randwire import RandWire
 
     def flops(c: int, op: str) -> int:
         with torch.device("meta"):
-            model = RandWire(regime=regime, channels=c, nodes=nodes, seed=seed, node_op=op)
+            model = RandWire(regime=regime, channels=c, nodes=nodes, node_op=op, **graph_kwargs)
         return conv_fc_macs(model, _PROBE_SIZE)
 
     if node_op == "sepconv":

@@ -54,7 +54,7 @@ from classification.sampler import EvalSampler, TrainSampler, subset_indices
 from classification.schedule import CosineWarmup, scaled_lr
 from rwdet.atomic import atomic_write
 from rwdet.graphs import graphs_fingerprint, graphs_to_dict
-from rwdet.models import build_model, get_graphs
+from rwdet.models import CLASSIFIER_MODULES, build_model, get_graphs
 from rwdet.models.verify import verify_graphs
 from rwdet.run.errors import UserError
 from rwdet.run.stop import StopRequested, graceful_stop
@@ -583,10 +583,25 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter, stop=None) -> dict:
             )
         # Restored as edge lists, never regenerated; refused if edited after they were saved.
         graphs = verify_graphs(ckpt["graphs"], ckpt.get("graphs_fingerprint"), path, spec)
+    init = None
+    if cfg["weights"]:
+        if ckpt is not None:  # the run already started from them: its own state wins
+            log.info(
+                "resuming %s: --weights %s was this run's starting point", path, cfg["weights"]
+            )
+        else:
+            init = ckpt_lib.load_checkpoint(cfg["weights"])
+            where = cfg["weights"]
+            graphs = verify_graphs(init["graphs"], init.get("graphs_fingerprint"), where, spec)
     model = build(spec, graphs)
+    if init is not None:
+        load_initial_weights(model, init, cfg["weights"], cfg["weights_strict"])
     fingerprint = graphs_fingerprint(get_graphs(model))
     check_same_on_all_ranks(fingerprint, "graph fingerprint")
-    log.info("model %s %s, graph fingerprint %s", spec["name"], spec["kwargs"], fingerprint)
+    log.info(
+        "model %s %s, graph seed %s, graph fingerprint %s",
+        spec["name"], spec["kwargs"], cfg["model"]["seed"], fingerprint,
+    )  # fmt: skip
     # Measured on the CPU model; written with config.yaml once everything is validated.
     complexity = log_complexity(model, cfg, in_ch) if d.is_main and tc["complexity"] else None
 
@@ -714,6 +729,44 @@ def start_run_files(cfg: dict, path: str | None, state: dict, writer, complexity
         writer.write("model", 0, complexity)
 
 
+def load_initial_weights(model: nn.Module, ckpt: dict, path: str, strict: bool) -> None:
+    """Start training from a checkpoint's weights (fine-tuning), not its training state.
+
+    Another class count is the usual difference: tensors of the classifier modules
+    (``CLASSIFIER_MODULES``) whose shape differs keep their fresh initialisation, and the log
+    names them. Any other difference means weights of another network and is an error, as is
+    any difference at all with ``weights_strict``.
+    """
+    bad = ckpt_lib.nonfinite_tensors(ckpt["model"])
+    if bad:
+        raise UserError(f"--weights {path!r}: its weights hold NaN/Inf (e.g. {bad[0]})")
+    state, own = ckpt["model"], model.state_dict()
+    differ = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    problems = differ + missing + unexpected
+    outside = [k for k in problems if k.split(".")[0] not in CLASSIFIER_MODULES]
+    if problems and (strict or outside):
+        first = (outside or problems)[0]
+        what = "shape differs" if first in differ else "missing" if first in missing else "extra"
+        fix = (
+            "drop --weights-strict to re-initialise the classifier"
+            if strict and not outside
+            else "pass weights of the same model (name, width, nodes, node op) as the config"
+        )
+        raise UserError(
+            f"--weights {path!r} does not fit the model: {len(problems)} tensors differ "
+            f"(e.g. {first}: {what}); {fix}"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in differ},
+                          strict=False)  # fmt: skip
+    fresh = sorted({k.rsplit(".", 1)[0] for k in problems})
+    log.info(
+        "initialised from %s (%d tensors)%s", path, len(own) - len(differ) - len(missing),
+        f"; freshly initialised: {', '.join(fresh)}" if fresh else "",
+    )  # fmt: skip
+
+
 def load_training_state(ckpt: dict, model, state: dict, d: DistInfo, path: str) -> int:
     """Restore everything needed to continue exactly; return the iteration to continue from."""
     model.load_state_dict(ckpt["model"])
@@ -773,7 +826,7 @@ def eval_only(cfg: dict, d: DistInfo) -> dict:
     setup_logging(out, d.is_main)
     writer = MetricWriter(out, d.is_main, tensorboard=False)
     try:
-        path = cfg["eval"]["weights"]
+        path = cfg["weights"]
         ckpt = ckpt_lib.load_checkpoint(path)
         weights = "model"
         if cfg["eval"]["ema"]:

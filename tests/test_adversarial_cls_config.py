@@ -53,7 +53,7 @@ def test_yaml_1_1_words_stay_words_and_numbers_stay_numbers(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["optim.lr=abc"], "config key optim.lr='abc': expected a number > 0 (e.g. optim.lr=0.1)"),
+        (["optim.lr=abc"], "config key optim.lr='abc': expected a number > 0 and < 3.4e38 (e.g. optim.lr=0.1)"),
         (["seed=abc"], "config key seed='abc': expected an integer (e.g. seed=0)"),
         (["train.batch_size=[1,2]"], "key train.batch_size=[1, 2]: expected an integer >= 1"),
         (["optim.momentum=2"], "config key optim.momentum=2: expected a number in [0, 1)"),
@@ -111,7 +111,7 @@ def test_real_cli_exit_code_and_debug_traceback(tmp_path):
     argv = [sys.executable, TOOL, "optim.lr=abc", "--output-dir", str(tmp_path)]
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2, p.stderr
-    message = "config key optim.lr='abc': expected a number > 0 (e.g. optim.lr=0.1)"
+    message = "config key optim.lr='abc': expected a number > 0 and < 3.4e38 (e.g. optim.lr=0.1)"
     assert p.stderr == f"train_cls.py: error: {message}\n"
     p = subprocess.run(
         argv, capture_output=True, text=True, env={**env, "RWDET_DEBUG": "1"}, timeout=60

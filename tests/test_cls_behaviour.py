@@ -180,3 +180,51 @@ def test_converter_on_a_checkpoint_the_trainer_wrote(finished, weights, tmp_path
         got = det.backbone.bottom_up(x)
     for k in ("conv2", "conv3", "conv4", "conv5"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_weights_start_training_from_a_checkpoint(finished, dataset, tmp_path, capsys):  # noqa: F811
+    """--weights without --eval-only fine-tunes (it was silently ignored): the first step starts
+    from the checkpoint's weights; another class count re-initialises only the classifier
+    (refused with --weights-strict); other graphs or a training state are not taken."""
+    from test_cls_config import load_tool
+    from test_cls_data import make_image_folder
+
+    weights = os.path.join(finished, "best.pth")
+    source = load_checkpoint(weights)["model"]
+    data, _ = dataset
+    seen = {}
+
+    def first_step(optimizer, args, kwargs):  # the model's weights before the first update
+        if not seen:
+            seen["w"] = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+
+    out = str(tmp_path / "tuned")
+    handle = register_optimizer_step_pre_hook(first_step)
+    try:
+        trainer.main(tiny_cfg(*tiny_args(data, out, epochs=1, extra=["--weights", weights])))
+    finally:
+        handle.remove()
+    params = [v for k, v in source.items() if "running" not in k and "num_batches" not in k]
+    assert len(seen["w"]) == len(params)
+    assert all(torch.equal(a, b) for a, b in zip(seen["w"], params))
+    tuned = load_checkpoint(os.path.join(out, "last.pth"))
+    assert tuned["iteration"] == IPE  # one epoch of its own, not the source's 2 epochs
+
+    two = str(tmp_path / "two_classes")
+    make_image_folder(two, classes=2, train_per_class=8, val_per_class=2, bad=False)
+    base = [
+        a for a in tiny_args(two, str(tmp_path / "ft2"), epochs=1) if a != "train.precise_bn=64"
+    ]
+    tool = load_tool()
+    assert tool.main([*base, "--weights", weights]) == 0
+    log = open(os.path.join(tmp_path, "ft2", "log.txt")).read()
+    assert "freshly initialised: fc" in log
+    capsys.readouterr()
+    strict = str(tmp_path / "ft3")
+    assert tool.main([*base, "--weights", weights, "--weights-strict", "--output-dir", strict]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "fc." in err and err.count("\n") == 1
+    other_seed = [*tiny_args(data, str(tmp_path / "ft4"), epochs=1), "--seed", "2"]
+    assert tool.main([*other_seed, "--weights", weights]) == 2
+    assert "pass the generator, parameters and seed" in capsys.readouterr().err

@@ -23,9 +23,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
-from rwdet.d2.convert import CLASSIFIER_MODULES
 from rwdet.d2.spec import BackboneSpec, resolve_backbone_spec
-from rwdet.models import build_model, get_graphs
+from rwdet.models import CLASSIFIER_MODULES, build_model, get_graphs
 
 
 def frozen_bn(bn: nn.Module) -> FrozenBatchNorm2d:

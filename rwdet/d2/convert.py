@@ -29,11 +29,10 @@ from torch import nn
 from rwdet.checkpoint_io import checked_graphs
 from rwdet.d2.weights import AUTHOR, BACKBONE_PREFIX, META_KEY, to_numpy_state
 from rwdet.graphs import graphs_fingerprint, graphs_to_dict
-from rwdet.models import build_model, get_graphs
+from rwdet.models import CLASSIFIER_MODULES, build_model, get_graphs
 
 # Child modules that form a classifier (dropped: a detector never uses them, and parameters
 # without gradients would break DDP).
-CLASSIFIER_MODULES = ("head", "dropout", "fc", "classifier", "avgpool")
 
 
 def _strip_module_prefix(state: dict) -> dict:

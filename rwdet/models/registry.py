@@ -14,6 +14,9 @@ from torch import nn
 from rwdet.graphs import GraphSpec
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
+# Top-level modules that map features to classes in rwdet's classifiers: what detection drops
+# and what fine-tuning on another class count re-initialises.
+CLASSIFIER_MODULES = ("head", "dropout", "fc", "classifier", "avgpool")
 
 
 def register_model(name: str):

@@ -53,7 +53,10 @@ def test_yaml_1_1_words_stay_words_and_numbers_stay_numbers(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["optim.lr=abc"], "config key optim.lr='abc': expected a number > 0 and < 3.4e38 (e.g. optim.lr=0.1)"),
+        (
+            ["optim.lr=abc"],
+            "config key optim.lr='abc': expected a number > 0 and < 3.4e38 (e.g. optim.lr=0.1)",
+        ),
         (["seed=abc"], "config key seed='abc': expected an integer (e.g. seed=0)"),
         (["train.batch_size=[1,2]"], "key train.batch_size=[1, 2]: expected an integer >= 1"),
         (["optim.momentum=2"], "config key optim.momentum=2: expected a number in [0, 1)"),

@@ -130,9 +130,10 @@ import os, sys, time
 from rwdet.run import OutputDirLock
 OutputDirLock(sys.argv[1]).acquire()
 if os.fork() == 0:  # a DataLoader-like worker that outlives its parent for a while
+    os.write(1, b'child\\n')  # after os.fork returned here: the at-fork hooks have run
     time.sleep(30)
     os._exit(0)
-print('held', flush=True)
+os.write(1, b'held\\n')  # one write per line: the two processes share the pipe
 time.sleep(60)
 """
 
@@ -147,7 +148,7 @@ def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
         start_new_session=True,
     )
     try:
-        assert proc.stdout.readline().strip() == "held"
+        assert {proc.stdout.readline().strip() for _ in range(2)} == {"held", "child"}
         proc.kill()  # the parent dies; its forked child sleeps on
         proc.wait()
         with OutputDirLock(out):

@@ -33,6 +33,8 @@ $PIP install -q -c constraints.txt torch torchvision
 $PIP install -q -c constraints.txt fvcore iopath pycocotools networkx matplotlib tensorboard tqdm \
   pyyaml pillow pytest ruff psutil \
   termcolor yacs tabulate cloudpickle omegaconf hydra-core black packaging
+# make mutate only (mutation testing of the rules' modules, docs/testing.md).
+$PIP install -q -c constraints.txt mutmut
 
 # Detectron2: keep one that is already importable (e.g. built from its git repository);
 # otherwise install the faithful PyPI repackaging. Its wheel is tagged cp310 but is pure

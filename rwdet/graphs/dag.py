@@ -27,7 +27,7 @@ GENERATORS = {
 
 def _check_int(name: str, value, lo: int, hi: int | None, rule: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}={value!r} is not an integer; {name} must be an integer {rule}")
+        raise ValueError(f"{name}={value!r} is not an integer; {name} must be {rule}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         raise ValueError(f"{name}={value} is out of range; {name} must be {rule}")

@@ -1,7 +1,7 @@
 # rwdet: two commands a newcomer needs are `make demo` and `make test`; both set up .venv first.
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-cls demo-det test test-fast lint format clean
+.PHONY: setup demo demo-cls demo-det test test-fast docs-numbers mutate lint format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,17 @@ test: setup
 # Fast tests only (skips the `slow` marker).
 test-fast: setup
 	@bash scripts/run_tests.sh -m "not slow"
+
+# Every deterministic table the README and docs quote, checked against the code (a minute or
+# two; `make test` checks the quick rows). Regenerate: tools/docs_numbers.py static --write;
+# the measured numbers: tools/docs_numbers.py demo|transfer --write (minutes to an hour).
+docs-numbers: setup
+	$(PY) tools/docs_numbers.py static --check
+
+# Mutation testing of the modules that encode the papers' rules (docs/testing.md). Slow (minutes);
+# not part of `make test`. Fails on a surviving mutant that docs/testing.md does not list.
+mutate: setup
+	@bash scripts/mutate.sh
 
 lint: setup
 	$(PY) -m ruff check .

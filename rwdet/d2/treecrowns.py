@@ -14,10 +14,15 @@ Conversion to COCO (one category, "tree"; Alive/Dead/Tree all count as trees):
 - A box cut by a tile or split border is kept (clipped) when at least half of its area lies
   in the tile, otherwise dropped there.
 - The two 400x400 photos go to train whole.
+- For choosing hyper-parameters without looking at val, train is split once more into
+  **select** (the bottom row of train tiles of each large photo, next to the val band: 9 tiles,
+  laid out like val) and **fit** (the other 29). Both are json files over the train images;
+  a recipe is chosen by training on fit and scoring on select, then trained on train and
+  reported on val (``tools/docs_numbers.py transfer``).
 
 Result: ``$DETECTRON2_DATASETS/treecrowns/{train,val}/*.png`` and
-``$DETECTRON2_DATASETS/treecrowns/annotations/instances_{train,val}.json`` (default root
-``datasets/``, gitignored), registered as ``treecrowns_train`` / ``treecrowns_val``.
+``$DETECTRON2_DATASETS/treecrowns/annotations/instances_{train,val,fit,select}.json`` (default
+root ``datasets/``, gitignored), registered as ``treecrowns_{train,val,fit,select}``.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ logger = logging.getLogger(__name__)
 TILE = 400
 MIN_VISIBLE = 0.5
 SPLITS = ("train", "val")
+# Subsets of train for hyper-parameter selection (their images live in train/).
+SELECTION_SPLITS = ("fit", "select")
 # Bump when the conversion rules change, so a stale cache is rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LARGE = ("2019_YELL_2_528000_4978000_image_crop2", "2019_YELL_2_541000_4977000_image_crop")
 SMALL = ("OSBS_029", "SOAP_061")
 
@@ -122,6 +129,27 @@ def plan(data_dir: str) -> dict[str, list[tuple[str, str, tuple, list]]]:
     return out
 
 
+def selection_names(train_tiles) -> set[str]:
+    """Names of the select tiles: per large photo, the train tiles of the bottom row."""
+    bottom = {}
+    for name, _src, win, _boxes in train_tiles:
+        stem = name.split("_x")[0]
+        if stem in LARGE:
+            bottom[stem] = max(bottom.get(stem, -1), win[1])
+    return {
+        name
+        for name, _src, win, _boxes in train_tiles
+        if name.split("_x")[0] in bottom and win[1] == bottom[name.split("_x")[0]]
+    }
+
+
+def _subset(data: dict, keep: set[str]) -> dict:
+    images = [im for im in data["images"] if im["file_name"][: -len(".png")] in keep]
+    ids = {im["id"] for im in images}
+    anns = [a for a in data["annotations"] if a["image_id"] in ids]
+    return {**data, "images": images, "annotations": anns}
+
+
 def _write_json(path: str, data: dict) -> None:
     atomic_write(path, lambda f: json.dump(data, f), mode="w")
 
@@ -131,7 +159,7 @@ def json_path(root: str, split: str) -> str:
 
 
 def is_prepared(root: str) -> bool:
-    for split in SPLITS:
+    for split in SPLITS + SELECTION_SPLITS:
         p = json_path(root, split)
         if not os.path.isfile(p):
             return False
@@ -149,7 +177,8 @@ def prepare(root: str | None = None, data_dir: str | None = None) -> str:
     data_dir = data_dir or deepforest_data_dir()
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     sources: dict[str, Image.Image] = {}
-    for split, tiles in plan(data_dir).items():
+    tiles_by_split = plan(data_dir)
+    for split, tiles in tiles_by_split.items():
         os.makedirs(os.path.join(root, split), exist_ok=True)
         images, anns = [], []
         for image_id, (name, src, win, boxes) in enumerate(tiles, start=1):
@@ -182,30 +211,37 @@ def prepare(root: str | None = None, data_dir: str | None = None) -> str:
             "annotations": anns,
             "categories": [{"id": 1, "name": "tree"}],
         }
+        if split == "train":
+            select = selection_names(tiles)
+            fit = {t[0] for t in tiles} - select
+            for sub, keep in (("fit", fit), ("select", select)):
+                _write_json(json_path(root, sub), _subset(data, keep))
+        # train/val last: is_prepared checks them too, so a half-made cache is remade.
         _write_json(json_path(root, split), data)
         logger.info("treecrowns %s: %d tiles, %d boxes", split, len(images), len(anns))
     return root
 
 
 def register_treecrowns(root: str | None = None, prefix: str = "treecrowns") -> None:
-    """Register ``<prefix>_train`` / ``<prefix>_val``; data is converted on first use."""
+    """Register ``<prefix>_{train,val,fit,select}``; data is converted on first use."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 
     r = root or default_root()
-    for split in SPLITS:
+    for split in SPLITS + SELECTION_SPLITS:
         name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():
             continue
+        folder = os.path.join(r, "val" if split == "val" else "train")
 
-        def load(split=split, name=name):
+        def load(split=split, name=name, folder=folder):
             prepare(r)
-            return load_coco_json(json_path(r, split), os.path.join(r, split), name)
+            return load_coco_json(json_path(r, split), folder, name)
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(
             json_file=json_path(r, split),
-            image_root=os.path.join(r, split),
+            image_root=folder,
             evaluator_type="coco",
             thing_classes=["tree"],
             # Marks the demo data: check_datasets prepares this root, and no user dataset

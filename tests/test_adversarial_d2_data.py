@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,10 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model as build_detector
+from test_d2_convert import det_cfg
 
 import rwdet.d2  # noqa: F401  (registers the backbones)
-from rwdet.d2 import RwdetCheckpointer, add_rwdet_config, treecrowns
+from rwdet.d2 import RwdetCheckpointer, treecrowns
 from rwdet.d2.checkpoint import resume_checkpoint_file
 from rwdet.d2.convert import convert_rwdet_checkpoint
 from rwdet.d2.datasets import check_datasets
@@ -26,7 +26,6 @@ from rwdet.graphs import graphs_to_dict
 from rwdet.models import build_model, get_graphs
 from rwdet.run.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = {"channels": 8, "nodes": 5, "gen": "ws", "gen_params": {"k": 2, "p": 0.5}, "seed": 1}
 ALLOW = ("MODEL.RWDET.ALLOW_UNVERIFIED_GRAPHS", True)
 
@@ -46,16 +45,6 @@ def rwdet_log(caplog):
         lg.removeHandler(caplog.handler)
         lg.setLevel(saved[0])
         lg.propagate = saved[1]
-
-
-def det_cfg(weights, *opts):
-    cfg = get_cfg()
-    add_rwdet_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / "Base-RandWire-FPN.yaml"))
-    cfg.merge_from_list(
-        ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", 16] + list(opts)
-    )
-    return cfg
 
 
 @pytest.fixture(scope="module")

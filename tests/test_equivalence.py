@@ -35,7 +35,7 @@ def _stage_pair(gen, params, path):
     return ref, opt
 
 
-def _fused_node(y):
+def fused_node(y):
     """The ``SepConvStage`` node in ``y``'s autograd graph, or None (on CPU an NCHW input is
     switched to channels_last and back, so the op is not necessarily ``y.grad_fn``)."""
     todo, seen = [y.grad_fn], set()
@@ -78,7 +78,7 @@ def test_stage_matches_reference(gen, params, path):
     ref, opt = _stage_pair(gen, params, path)
     for _ in range(2):  # the second step starts from updated running statistics
         y = _assert_same_training_step(ref, opt, torch.randn(4, 3, 12, 12))
-    assert (_fused_node(y) is not None) == (path == "fused")
+    assert (fused_node(y) is not None) == (path == "fused")
 
 
 @pytest.mark.parametrize("gen,params", GRAPHS)
@@ -108,7 +108,7 @@ def test_cpu_stage_layout(mode):
     hook.remove()
     assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
     if mode == "fused":  # the op runs its nodes inside, without module hooks
-        assert _fused_node(y) is not None
+        assert fused_node(y) is not None
     else:
         in_cl = inner[0].is_contiguous(memory_format=torch.channels_last)
         assert in_cl == (mode == "inference")
@@ -144,7 +144,7 @@ def test_fused_stage_gradcheck():
     with torch.no_grad():
         stage.gates.weight.normal_()
     x = torch.randn(3, 2, 4, 4, dtype=torch.double, requires_grad=True)
-    assert _fused_node(stage(x)) is not None
+    assert fused_node(stage(x)) is not None
     # nondet_tol: a repeated backward rebuilds the freed activations (same math, other rounding).
     assert torch.autograd.gradcheck(stage, (x,), nondet_tol=1e-10)
 
@@ -183,7 +183,7 @@ def test_fused_dnw_model_matches_reference():
     opt = build_model("randwire_small", **kw)
     opt.load_state_dict(ref.state_dict())
     _assert_same_model_step(ref, opt)
-    assert _fused_node(opt.conv3(torch.randn(2, 8, 8, 8))) is not None
+    assert fused_node(opt.conv3(torch.randn(2, 8, 8, 8))) is not None
 
 
 def test_fused_bf16_autocast_as_accurate_as_reference():
@@ -230,7 +230,7 @@ def test_fused_path_keeps_one_tensor_per_node():
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = stage(x)
-        for c in getattr(_fused_node(y), "keep", None) or []:
+        for c in getattr(fused_node(y), "keep", None) or []:
             seen[c.untyped_storage().data_ptr()] = c.untyped_storage().nbytes()
         seen.pop(x.untyped_storage().data_ptr(), None)
         weights = {p.untyped_storage().data_ptr() for p in stage.parameters()}
@@ -259,18 +259,18 @@ def test_unfusable_stages_run_node_by_node():
     spec = GraphSpec.generate("ws", 6, 1, k=2, p=0.5)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     conv_op = GraphStage(spec, 3, 4, node_op="conv")
-    assert conv_op(x).grad_fn is not None and _fused_node(conv_op(x)) is None
+    assert conv_op(x).grad_fn is not None and fused_node(conv_op(x)) is None
     stage = GraphStage(spec, 3, 4)
     stage.nodes[2][3].eval()  # a frozen BN anywhere: reference path
-    assert stage(x).grad_fn is not None and _fused_node(stage(x)) is None
+    assert stage(x).grad_fn is not None and fused_node(stage(x)) is None
     stage.train()
-    assert _fused_node(stage(x)) is not None
+    assert fused_node(stage(x)) is not None
     with torch.no_grad():
         assert stage(x).grad_fn is None
     popup = build_model("randwire_small", channels=8, nodes=6, stem="small", wiring="popup")
     popup.train()
     y = popup.conv3(torch.randn(2, 8, 8, 8))
-    assert y.grad_fn is not None and _fused_node(y) is None
+    assert y.grad_fn is not None and fused_node(y) is None
 
 
 def test_weighted_sum_matches_naive_and_gradcheck():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_equivalence import fused_node
 from torch import nn
 
 from rwdet.graphs import GraphSpec
@@ -54,20 +55,6 @@ def dnw_stage(path: str, seed: int = 0) -> GraphStage:
                 m.bias.uniform_(-1.0, 1.0)
     assert stage.gates.budget == len(spec.edges) < len(stage.gates.edges)
     return stage
-
-
-def fused_node(y: torch.Tensor):
-    """The fused op's node in ``y``'s autograd graph, or None."""
-    todo, seen = [y.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if "SepConvStage" in type(fn).__name__:
-            return fn
-        todo += [f for f, _ in fn.next_functions]
-    return None
 
 
 def explicit_stage(stage: GraphStage, x: torch.Tensor, gates: torch.Tensor):

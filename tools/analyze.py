@@ -4,6 +4,7 @@
 python tools/analyze.py complexity randwire_c109 --gen ws --k 4 --p 0.75 --seed 1 [--json]
 python tools/analyze.py complexity --table          # RandWire Tables 2-4, seeds 1-5, vs paper
 python tools/analyze.py graph randwire_small --seed 1 --out output/graphs
+python tools/analyze.py graph output/det/<run>/model_final.pth   # or best.pth, a converted .pkl
 """
 
 import argparse
@@ -78,7 +79,10 @@ def cmd_graph(args):
 
     name = args.model_name or args.model
     if name is None:
-        raise UserError("graph: name a model (e.g. randwire_small) or an rwdet checkpoint path")
+        raise UserError(
+            "graph: name a model (e.g. randwire_small) or an rwdet checkpoint path (best.pth, "
+            "a Detectron2 model_final.pth or a converted .pkl)"
+        )
     # Anything that looks like a path is read as a checkpoint, so a missing or wrong file is
     # reported as a file, not as an unknown model name.
     if os.path.exists(name) or os.sep in name or name.endswith(CHECKPOINT_SUFFIXES):
@@ -139,7 +143,10 @@ def main(argv=None):
     p.set_defaults(func=cmd_complexity)
     p = sub.add_parser("graph", help="PNG plots of every stage graph (Figure 4 style)")
     p.add_argument(
-        "model_name", nargs="?", help="registered model name (or --model) or a checkpoint path"
+        "model_name",
+        nargs="?",
+        help="registered model name (or --model), or a checkpoint path: classification "
+        "best.pth, Detectron2 model_final.pth or converted .pkl",
     )
     add_model_args(p, default_model=None)
     p.add_argument("--out", default="output/graphs", help="folder for the PNGs")

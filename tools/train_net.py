@@ -5,6 +5,9 @@
     python tools/train_net.py --config-file configs/frcnn_randwire_c109.yaml --num-gpus 1 \
         SOLVER.AMP.ENABLED True          # REFERENCE_WORLD_SIZE rescales batch/LR/schedule
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python tools/train_net.py --config-file ... --dataset mine_train train.json images/ \
+        --dataset mine_val val.json images/ DATASETS.TRAIN "('mine_train',)" \
+        DATASETS.TEST "('mine_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3   # your COCO-format data
 
 Multi-node: add --num-machines N --machine-rank R --dist-url tcp://HOST:PORT on every machine.
 A run resumes automatically from the last checkpoint in OUTPUT_DIR (--no-auto-resume: don't).
@@ -22,7 +25,7 @@ from torch.multiprocessing import ProcessExitedException
 import rwdet.d2  # noqa: F401  (registers the rwdet backbones and demo datasets)
 from rwdet.d2.engine import check_request, main
 from rwdet.d2.hooks import forward_stop_to_workers
-from rwdet.run.errors import run_cli
+from rwdet.run.errors import UserError, run_cli
 from rwdet.run.stop import EXIT_STOPPED, StopRequested
 
 PROG = "train_net.py"
@@ -37,6 +40,27 @@ def parse_args(argv=None):
         action="store_true",
         help="start from MODEL.WEIGHTS even if OUTPUT_DIR holds a checkpoint",
     )
+    parser.add_argument(
+        "--dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable; before the KEY VALUE "
+        "overrides), then name it in DATASETS.TRAIN/TEST",
+    )
+    usage_error = parser.error
+
+    def error(message):
+        # A wrong count of --dataset values is one line, like every rwdet user error.
+        if message.startswith("argument --dataset"):
+            raise UserError(
+                "--dataset takes 3 values, NAME JSON IMAGE_ROOT (e.g. --dataset mine_train "
+                f"annotations/train.json images/), before the KEY VALUE overrides ({message})"
+            )
+        usage_error(message)
+
+    parser.error = error
     return parser.parse_args(argv)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from rwdet.checkpoint_io import checked_graphs, load_rwdet_checkpoint
+from rwdet.checkpoint_io import checked_graphs, load_graph_record
 from rwdet.graphs import GraphSpec, longest_path_length
 from rwdet.run.errors import UserError
 
@@ -31,13 +31,14 @@ def stage_stats(spec: GraphSpec) -> dict:
 
 
 def graphs_from_checkpoint(path: str) -> dict[str, GraphSpec]:
-    """Stage graphs stored in an rwdet classification checkpoint (no model is built).
+    """Stage graphs stored in an rwdet file (no model is built): a classification checkpoint,
+    a Detectron2 checkpoint (``model_final.pth``) or a converted ``.pkl``.
 
     Loaded safely and checked against the stored fingerprint and model spec, so a plot never
     shows an edited graph as the trained one; a bad file is a one-line ``UserError`` naming it.
     """
-    ckpt = load_rwdet_checkpoint(path, required=("graphs",))
-    if not ckpt["graphs"]:
+    record = load_graph_record(path)
+    if not record.get("graphs"):
         raise UserError(f"{path!r} holds no stage graphs (a model without random graphs?)")
-    spec = ckpt.get("model_spec")
-    return checked_graphs(ckpt, repr(path), spec=spec if isinstance(spec, dict) else None)
+    spec = record.get("model_spec")
+    return checked_graphs(record, repr(path), spec=spec if isinstance(spec, dict) else None)

@@ -10,6 +10,11 @@ listed (otherwise the first batch that draws one fails, hours in), and the boxes
 changes without a word are counted in one log line: zero or negative width/height (dropped)
 and boxes extending outside their image (clipped to it). Existence is checked with one
 ``os.listdir`` per image folder, not a ``stat`` per image: COCO train has 118k images.
+
+Datasets of the user's own are registered from the command line (``tools/train_net.py
+--dataset NAME JSON IMAGE_ROOT``, ``register_cli_datasets``) with detectron2's
+``register_coco_instances``; for those, ``MODEL.ROI_HEADS.NUM_CLASSES`` must equal the json's
+category count.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import json
 import logging
 import math
 import os
+import re
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 
 from rwdet.d2 import treecrowns
 from rwdet.run.errors import UserError
@@ -28,6 +35,9 @@ logger = logging.getLogger(__name__)
 # Tolerance in pixels for "outside the image": annotation tools round box corners.
 CLIP_TOLERANCE = 0.01
 SHOW_MISSING = 5
+# Metadata key marking a dataset registered by ``register_cli_datasets``.
+CLI_MARK = "rwdet_cli_dataset"
+DATASET_USAGE = "--dataset NAME JSON IMAGE_ROOT"
 
 COCO_LAYOUT = """\
 expected layout (detectron2's builtin COCO):
@@ -66,6 +76,14 @@ def check_datasets(cfg, names: list[str] | None = None) -> None:
         if not missing:
             if meta.get("json_file") and meta.get("image_root"):
                 check_coco_json(name, meta.json_file, meta.image_root)
+                if meta.get(CLI_MARK):
+                    check_num_classes(cfg, name, meta.json_file, meta.image_root)
+                    logger.info(
+                        "dataset %r (--dataset): %s, images under %s",
+                        name,
+                        meta.json_file,
+                        meta.image_root,
+                    )
             continue
         if "coco" in name:
             raise FileNotFoundError(
@@ -74,7 +92,92 @@ def check_datasets(cfg, names: list[str] | None = None) -> None:
         raise FileNotFoundError(f"dataset {name!r}: {missing} not found")
 
 
+def register_cli_datasets(specs) -> list[str]:
+    """Register ``[(name, json, image_root), ...]`` (``--dataset``, repeatable) as COCO-format
+    datasets; returns the names. Runs in the launcher and again in every spawned worker (a
+    fresh process knows only the builtin datasets); registering the same triple twice in one
+    process is a no-op, and a name this function registered before is re-registered.
+
+    A wrong number of values, a name detectron2 or rwdet already uses, a name given twice, a
+    missing json file or image folder is a one-line ``UserError``.
+    """
+    names = []
+    for spec in specs or ():
+        spec = list(spec)
+        if len(spec) != 3:
+            raise UserError(
+                f"--dataset takes 3 values, NAME JSON IMAGE_ROOT, got {len(spec)}: "
+                f"{' '.join(map(str, spec)) or '(none)'}; e.g. --dataset mine_train "
+                "annotations/train.json images/"
+            )
+        name, json_file, image_root = (str(v) for v in spec)
+        if not name or any(c.isspace() for c in name) or name.startswith("-"):
+            raise UserError(f"--dataset: {name!r} is not a usable dataset name; {DATASET_USAGE}")
+        if name in names:
+            raise UserError(f"--dataset {name!r} is given twice; give each dataset once")
+        if not os.path.isfile(json_file):
+            what = "is a directory" if os.path.isdir(json_file) else "does not exist"
+            what += _override_hint(json_file)
+            raise UserError(
+                f"--dataset {name}: annotation file {json_file!r} {what}; pass a COCO-format "
+                f"json file ({DATASET_USAGE})"
+            )
+        if not os.path.isdir(image_root):
+            what = "is a file" if os.path.exists(image_root) else "does not exist"
+            what += _override_hint(image_root)
+            raise UserError(
+                f"--dataset {name}: image folder {image_root!r} {what}; pass the folder the "
+                f"json's file_name entries are relative to ({DATASET_USAGE})"
+            )
+        json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if not meta.get(CLI_MARK):
+                raise UserError(
+                    f"--dataset: the name {name!r} is already registered by detectron2 or "
+                    "rwdet (a builtin dataset); choose another name, e.g. "
+                    f"{'my_' + name!r}"
+                )
+            if (meta.json_file, meta.image_root) == (json_file, image_root):
+                names.append(name)
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {CLI_MARK: True}, json_file, image_root)
+        names.append(name)
+    return names
+
+
+def _override_hint(value: str) -> str:
+    """A config key taken as a path: --dataset got too few values before the overrides."""
+    if os.path.exists(value) or not re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", value):
+        return ""
+    return f" (it is a config key: --dataset got fewer than 3 values before {value})"
+
+
+def check_num_classes(cfg, name: str, json_file: str, image_root: str) -> None:
+    """``MODEL.ROI_HEADS.NUM_CLASSES`` equals the dataset's category count (one-line fix)."""
+    n = _categories[_file_key(json_file, image_root)]
+    if n == 0:
+        raise UserError(
+            f"dataset {name!r}: {json_file} lists no 'categories'; a COCO-format file needs "
+            "a 'categories' list ([{'id': 1, 'name': ...}, ...])"
+        )
+    have = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if have != n:
+        raise UserError(
+            f"dataset {name!r} has {n} categories ({json_file}) but MODEL.ROI_HEADS.NUM_CLASSES "
+            f"is {have}; set MODEL.ROI_HEADS.NUM_CLASSES {n}"
+        )
+
+
 _checked: dict[tuple, tuple[int, int]] = {}
+_categories: dict[tuple, int] = {}  # same keys: the json's category count
+
+
+def _file_key(json_file: str, image_root: str) -> tuple:
+    st = os.stat(json_file)
+    return (os.path.realpath(json_file), st.st_mtime_ns, st.st_size, os.path.realpath(image_root))
 
 
 def check_coco_json(name: str, json_file: str, image_root: str) -> tuple[int, int]:
@@ -82,12 +185,13 @@ def check_coco_json(name: str, json_file: str, image_root: str) -> tuple[int, in
 
     The result is kept per file version, so naming a dataset twice reads its json once.
     """
-    st = os.stat(json_file)
-    key = (os.path.realpath(json_file), st.st_mtime_ns, st.st_size, os.path.realpath(image_root))
+    key = _file_key(json_file, image_root)
     if key not in _checked:
         data = _read_json(name, json_file)
         images = _images(name, json_file, data)
         _check_images_exist(name, json_file, image_root, images)
+        cats = data.get("categories")
+        _categories[key] = len(cats) if isinstance(cats, list) else 0
         _checked[key] = _count_boxes(name, json_file, data, images)
     dropped, clipped = _checked[key]
     if dropped or clipped:

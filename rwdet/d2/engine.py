@@ -30,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 
 from rwdet.d2.checkpoint import RwdetCheckpointer, resume_checkpoint_file
 from rwdet.d2.config import add_rwdet_config
-from rwdet.d2.datasets import check_datasets
+from rwdet.d2.datasets import check_datasets, register_cli_datasets
 from rwdet.d2.hooks import StopOnSignal, forwarded_stop, quiet_stop_logging
 from rwdet.d2.rescale import check_batch_split, rescaling_note
 from rwdet.d2.safe_config import merge_config_file, merge_config_opts
@@ -157,7 +157,9 @@ def output_dir_lock(cfg):
 
 def check_request(args):
     """The checks that need no output folder and no process group: a launcher runs them once
-    before spawning workers, so a bad config is one line, not one per worker."""
+    before spawning workers, so a bad config is one line, not one per worker. Registers the
+    ``--dataset`` datasets first: ``main`` calls this in every process, spawned workers too."""
+    register_cli_datasets(getattr(args, "dataset", None))
     cfg = load_config(args)
     if args.eval_only:
         check_eval_weights(cfg, args)

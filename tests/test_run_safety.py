@@ -198,3 +198,14 @@ def test_disk_full_inside_torch_save_is_reported_as_the_os_error(tmp_path):
     assert info.value.errno == errno.ENOSPC and info.value.filename == path
     assert os.listdir(tmp_path) == []  # no temp file left behind
     assert run_cli(_raise(info.value), "train_cls.py", []) == 2
+
+
+def test_models_without_graphs_pass_the_check():
+    # MobileNet-DNW and the ResNets have no GraphStage: the trainer stores the empty set's
+    # edge lists and fingerprint, and resuming or converting them must not be refused.
+    spec = {"name": "resnet50_dnw", "kwargs": {}}
+    assert verify_graphs(graphs_to_dict({}), graphs_fingerprint({}), "w.pth", spec) == {}
+    assert verify_graphs(None, None, "w.pth", spec) == {}
+    randwire, stored, fp = _tiny()
+    with pytest.raises(GraphMismatchError, match="requested model"):
+        verify_graphs(graphs_to_dict({}), graphs_fingerprint({}), "w.pth", randwire)

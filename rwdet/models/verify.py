@@ -57,7 +57,7 @@ def verify_graphs(
     for models without graphs (then ``spec``, when given, must build none either).
     """
     graphs = graphs_from_dict(graphs_dict) if graphs_dict else {}
-    have = graphs_fingerprint(graphs) if graphs else None
+    have = graphs_fingerprint(graphs)  # a model without graphs has the empty set's
     if fingerprint is not None and have != fingerprint:
         raise GraphMismatchError(
             f"{where}: its graphs were changed after it was written (the edge lists give "
@@ -67,8 +67,7 @@ def verify_graphs(
     if fingerprint is None and graphs:
         logger.info("%s records no graph fingerprint (an older file); graphs %s", where, have)
     if spec is not None:
-        want = spec_graphs(spec)
-        want_fp = graphs_fingerprint(want) if want else None
+        want_fp = graphs_fingerprint(spec_graphs(spec))
         if want_fp != have:
             raise GraphMismatchError(
                 f"{where} holds graphs {have} but the requested model "

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rwdet.graphs import GraphSpec
-from rwdet.models import build_model, get_graphs
+from rwdet.models import build_model, get_graphs, stage_outputs
 from rwdet.nn import GraphStage, StaticGates, build_node_op
 
 
@@ -183,7 +183,7 @@ def test_graphs_of_wrong_shape_are_rejected():
 
 def test_model_shapes_and_strides():
     model = build_model("randwire_c109", channels=8, nodes=10, head_channels=16, num_classes=7)
-    feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    feats = stage_outputs(model, torch.randn(1, 3, 64, 64))
     for name, f in feats.items():
         assert f.shape[1] == model.stage_channels[name]
         assert 64 // f.shape[-1] == model.stage_strides[name]

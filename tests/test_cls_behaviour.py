@@ -15,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from classification import trainer
 from classification.checkpoint import load_checkpoint
 from rwdet.graphs import graphs_from_dict
-from rwdet.models import build_model
+from rwdet.models import build_model, stage_outputs
 
 IPE = 13  # iterations per epoch of tiny_args at batch 8 (104 training files)
 
@@ -176,7 +176,7 @@ def test_converter_on_a_checkpoint_the_trainer_wrote(finished, weights, tmp_path
     assert any(not torch.equal(ckpt[weights][k], ckpt[other][k]) for k in ckpt[weights])
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        want = ref.eval().forward_features(x)
+        want = stage_outputs(ref.eval(), x)
         got = det.backbone.bottom_up(x)
     for k in ("conv2", "conv3", "conv4", "conv5"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ from rwdet.d2 import RwdetCheckpointer, add_rwdet_config
 from rwdet.d2.convert import input_conv
 from rwdet.d2.weights import BACKBONE_PREFIX, META_KEY, load_weights_file, safe_load_pickle
 from rwdet.graphs import graphs_from_dict, graphs_to_dict, save_graphs
-from rwdet.models import build_model, get_graphs
+from rwdet.models import build_model, get_graphs, stage_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -103,7 +103,7 @@ def test_round_trip_identical_features(tmp_path, wiring, caplog):
     assert "missing keys: none; unexpected keys: none" in caplog.text
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        want = cls_model.forward_features(x)
+        want = stage_outputs(cls_model, x)
         got = det.backbone.bottom_up(x)
     for k in ("conv2", "conv3", "conv4", "conv5"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
@@ -137,7 +137,7 @@ def test_grey_small_stem_checkpoint_transfers_exactly(tmp_path, wiring):
     ref.eval()
     grey = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
-        want = ref.forward_features(grey)
+        want = stage_outputs(ref, grey)
         got = det.backbone.bottom_up(grey.expand(1, 3, 64, 64))
     for k in ("conv2", "conv3", "conv4", "conv5"):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)

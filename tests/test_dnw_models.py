@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec
-from rwdet.models import build_model, get_graphs, list_models
+from rwdet.models import build_model, get_graphs, list_models, stage_outputs
 from rwdet.models.mobilenet_dnw import MOBILENET_GRAPHS, NeuralGraph, mobilenet_budget
 from rwdet.nn.learned_gates import DNWGates
 from rwdet.nn.sparse_layers import DNWConv2d, DNWLinear
@@ -58,14 +58,14 @@ def test_mobilenet_graph_structure_follows_table5():
 
 def test_mobilenet_forward_features_strides_and_channels():
     model = tiny_mobilenet()
-    feats = model.forward_features(torch.randn(2, 3, 64, 64))
+    feats = stage_outputs(model, torch.randn(2, 3, 64, 64))
     for name, f in feats.items():
         assert f.shape[1] == model.stage_channels[name]
         assert 64 // f.shape[-1] == model.stage_strides[name]
     assert list(model.stage_strides.values()) == [2, 4, 8, 16, 32]
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     small = tiny_mobilenet(stem="small", in_channels=1)
-    assert small.forward_features(torch.randn(1, 1, 32, 32))["conv5"].shape[-1] == 2
+    assert small.forward_features(torch.randn(1, 1, 32, 32)).shape[-1] == 2
 
 
 def test_mobilenet_dnw_rewires_and_rg_stays_fixed():
@@ -186,7 +186,7 @@ def test_resnet50_dnw_sparsity_setting():
         assert m.count == max(1, math.floor(0.2 * m.weight.numel() + 0.5))
     assert model.fc.bias is not None and model.fc.bias.requires_grad  # biases stay dense
     assert all(m.affine for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    feats = stage_outputs(model, torch.randn(1, 3, 64, 64))
     assert [f.shape[1] for f in feats.values()] == list(model.stage_channels.values())
     assert [64 // f.shape[-1] for f in feats.values()] == [2, 4, 8, 16, 32]
     full = build_model("resnet50_dnw", layers=[1, 1, 1, 1])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rwdet.complexity import count_flops
-from rwdet.models import build_model
+from rwdet.models import build_model, stage_outputs
 from rwdet.nn.export import export_subnetwork
 from rwdet.nn.sparse_layers import SPARSE_LAYERS, PopupConv2d, PopupLinear
 from rwdet.sparse_complexity import sparse_complexity
@@ -26,7 +26,7 @@ def test_resnet_popup_structure():
     assert isinstance(model.fc, PopupLinear) and model.k == 0.3
     assert all(not m.affine for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert all(n.endswith("scores") for n, p in model.named_parameters() if p.requires_grad)
-    feats = model.forward_features(torch.randn(1, 3, 64, 64))
+    feats = stage_outputs(model, torch.randn(1, 3, 64, 64))
     assert list(feats) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
     assert [64 // f.shape[-1] for f in feats.values()] == list(model.stage_strides.values())
     assert [f.shape[1] for f in feats.values()] == list(model.stage_channels.values())
@@ -34,7 +34,7 @@ def test_resnet_popup_structure():
         "resnet50_popup", layers=[1, 1, 1, 1], stem="small", in_channels=1, first_layer_dense=True
     )
     assert type(small.conv1) is nn.Conv2d and small.conv1.weight.requires_grad
-    assert small.forward_features(torch.randn(1, 1, 32, 32))["conv5"].shape[-1] == 4
+    assert small.forward_features(torch.randn(1, 1, 32, 32)).shape[-1] == 4
 
 
 def test_counts_agree_with_fvcore_for_dense_models_and_popup_dense_counts():

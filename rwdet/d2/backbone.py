@@ -1,11 +1,13 @@
 """rwdet models as detectron2 backbones, with FPN in the manner of ``build_resnet_fpn_backbone``.
 
-Any rwdet model that exposes ``forward_features(x) -> {stage: tensor}``, ``stage_channels`` and
-``stage_strides`` (RandWire, MobileNetV1-DNW, the edge-popup ResNets) becomes a bottom-up
-backbone here. The classifier is removed, so under DDP every remaining trainable parameter
-receives a gradient. The norm layer is detectron2's ``get_norm`` (FrozenBN by default, as in
-Detectron's fine-tuning): handed to the model as its ``norm_layer`` when the model takes one,
-otherwise its BatchNorms are converted after building.
+Any registered rwdet model with stage features (``ModelCapabilities.features``: RandWire,
+MobileNetV1-DNW, the edge-popup ResNets) becomes a bottom-up backbone here, through the same
+feature interface as ``build_model(..., features_only=True)``: ``feature_info`` gives channels
+and strides, ``stage_outputs`` the maps. The head is removed (``remove_head``), so under DDP
+every remaining trainable parameter receives a gradient. The norm layer is detectron2's
+``get_norm`` (FrozenBN by default, as in Detectron's fine-tuning): handed to the model as its
+``norm_layer`` when its registration declares one, otherwise its BatchNorms are converted after
+building.
 
 ``MODEL.BACKBONE.FREEZE_AT = k`` freezes everything that runs before the k-th stage output
 (stages in ``stage_strides`` order) is ready: its parameters stop requiring gradients and its
@@ -24,7 +26,9 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
 from rwdet.d2.spec import BackboneSpec, resolve_backbone_spec
-from rwdet.models import CLASSIFIER_MODULES, build_model, get_graphs
+from rwdet.models import build_model, get_graphs
+from rwdet.models.interface import StagedClassifier
+from rwdet.models.registry import model_capabilities, stage_outputs
 
 
 def frozen_bn(bn: nn.Module) -> FrozenBatchNorm2d:
@@ -80,7 +84,7 @@ def modules_before(model: nn.Module, stage: str, size: int = 64) -> set[nn.Modul
         model.eval()
         first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         cin = first.in_channels if first is not None else 3
-        feats = model.forward_features(torch.zeros(1, cin, size, size))
+        feats = stage_outputs(model, torch.zeros(1, cin, size, size), [stage])
     finally:
         for h in handles:
             h.remove()
@@ -100,17 +104,15 @@ class RwdetBackbone(Backbone):
 
     def __init__(self, model: nn.Module, out_features, freeze_at: int = 0):
         super().__init__()
-        for attr in ("forward_features", "stage_channels", "stage_strides"):
-            if not hasattr(model, attr):
-                raise TypeError(
-                    f"{type(model).__name__} has no {attr!r}; a detection backbone needs "
-                    "forward_features, stage_channels and stage_strides"
-                )
-        for name in CLASSIFIER_MODULES:
-            if name in model._modules:
-                delattr(model, name)
+        if not isinstance(model, StagedClassifier):
+            raise TypeError(
+                f"{type(model).__name__} is not an rwdet StagedClassifier; a detection backbone "
+                "needs stage features (feature_info, stage outputs)"
+            )
+        info = {d["module"]: d for d in model.feature_info}
+        model.remove_head()
         self.model = model
-        self.stage_names = list(model.stage_strides)
+        self.stage_names = list(info)
         unknown = [f for f in out_features if f not in self.stage_names]
         if unknown:
             raise ValueError(
@@ -118,8 +120,8 @@ class RwdetBackbone(Backbone):
                 f"{type(model).__name__}; choose from {self.stage_names}"
             )
         self._out_features = list(out_features)
-        self._out_feature_channels = {f: int(model.stage_channels[f]) for f in out_features}
-        self._out_feature_strides = {f: int(model.stage_strides[f]) for f in out_features}
+        self._out_feature_channels = {f: info[f]["num_chs"] for f in out_features}
+        self._out_feature_strides = {f: info[f]["reduction"] for f in out_features}
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int) -> RwdetBackbone:
@@ -141,8 +143,7 @@ class RwdetBackbone(Backbone):
         return self
 
     def forward(self, x):
-        feats = self.model.forward_features(x)
-        return {f: feats[f] for f in self._out_features}
+        return stage_outputs(self.model, x, self._out_features)
 
 
 def build_rwdet_bottom_up(cfg, spec: BackboneSpec | None = None) -> RwdetBackbone:
@@ -152,18 +153,21 @@ def build_rwdet_bottom_up(cfg, spec: BackboneSpec | None = None) -> RwdetBackbon
     if spec.graphs:
         kwargs["graphs"] = spec.graphs
 
+    caps = model_capabilities(spec.name)
+    if not caps.features:
+        raise ValueError(f"model {spec.name!r} has no stage features; it cannot be a backbone")
+
     def build(**extra):
         try:
             return build_model(spec.name, **kwargs, **extra)
         except TypeError as e:
-            if "norm_layer" in extra and "norm_layer" in str(e):
-                return None
             raise ValueError(
                 f"model {spec.name!r} does not accept the options {sorted(kwargs)}: {e}"
             ) from None
 
-    model = build(norm_layer=lambda c: get_norm(norm, c))
-    if model is None:
+    if caps.norm_layer:
+        model = build(norm_layer=lambda c: get_norm(norm, c))
+    else:
         model = convert_norm(build(), norm, spec.name)
     # What a checkpoint needs to rebuild this backbone exactly.
     model.rwdet_spec = {"name": spec.name, "kwargs": dict(spec.kwargs)}

@@ -1,22 +1,32 @@
 """rwdet models; every model registers itself here on import."""
 
 from rwdet.models import mobilenet_dnw, randwire, sparse_resnet  # noqa: F401  (registration)
+from rwdet.models.interface import FeatureInfo, FeatureListModel, StagedClassifier
 from rwdet.models.randwire import RandWire
 from rwdet.models.registry import (
     CLASSIFIER_MODULES,
     MODELS,
+    ModelCapabilities,
     build_model,
     get_graphs,
     list_models,
+    model_capabilities,
     register_model,
+    stage_outputs,
 )
 
 __all__ = [
     "CLASSIFIER_MODULES",
     "MODELS",
+    "FeatureInfo",
+    "FeatureListModel",
+    "ModelCapabilities",
     "RandWire",
+    "StagedClassifier",
     "build_model",
     "get_graphs",
     "list_models",
+    "model_capabilities",
     "register_model",
+    "stage_outputs",
 ]

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwdet.models.registry import register_model, stage_outputs
+from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
+from rwdet.models.registry import register_model
 from rwdet.nn.choose import dnw_weight, topk_mask
 from rwdet.nn.sparse_layers import DNWLinear
 
@@ -182,7 +183,7 @@ class NeuralGraph(nn.Module):
         return f"blocks={self.blocks}, budget={self.budget}, stride={self.stride}, {self.wiring}"
 
 
-class MobileNetV1DNW(nn.Module):
+class MobileNetV1DNW(StagedClassifier):
     """MobileNetV1-DNW (``wiring="dnw"``) or MobileNetV1-RG (``wiring="rg"``), Table 5.
 
     Args:
@@ -192,6 +193,8 @@ class MobileNetV1DNW(nn.Module):
         stem: "imagenet" (g_phi stride 2, output stride 32) or "small" (stride 1, CIFAR).
         node_multiplier: scales every node count (1.0 = the paper's MobileNetV1 x1 counts;
             smaller values give quick test models with the same structure).
+        num_classes: 0 builds no classifier (the model returns pooled ``num_features``).
+        dropout: before the FC (timm's ``drop_rate``; the paper uses none).
     """
 
     def __init__(
@@ -204,8 +207,11 @@ class MobileNetV1DNW(nn.Module):
         in_channels: int = 3,
         stem: str = "imagenet",
         node_multiplier: float = 1.0,
+        dropout: float = 0.0,
     ):
         super().__init__()
+        check_num_classes(num_classes)
+        dropout = check_dropout(dropout)
         if not isinstance(node_multiplier, (int, float)) or not 0.0 < node_multiplier <= 4.0:
             raise ValueError(f"node_multiplier={node_multiplier!r} must be in (0, 4]")
         if not isinstance(width, (int, float)) or not 0.0 < width <= 1.0:
@@ -238,9 +244,11 @@ class MobileNetV1DNW(nn.Module):
         self.head = nn.Sequential(
             nn.BatchNorm2d(last), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1)
         )
-        self.fc = DNWLinear(last, num_classes, k=width) if small else nn.Linear(last, num_classes)
-        self.feature_channels = last
         self.width, self.small, self.wiring = width, small, wiring
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = self.new_classifier(num_classes, last) if num_classes else nn.Identity()
+        self.feature_channels = self.num_features = last
+        self.num_classes = num_classes
 
     @torch.no_grad()
     def sparse_liveness(self) -> dict[str, torch.Tensor]:
@@ -251,8 +259,8 @@ class MobileNetV1DNW(nn.Module):
         pool is a constant that folds into the FC bias (in eval mode): it is not "used"."""
         if isinstance(self.fc, DNWLinear):
             needed = self.fc.kept_mask().any(0)
-        else:
-            needed = torch.ones(self.fc.in_features, dtype=torch.bool, device=self.fc.weight.device)
+        else:  # a dense FC, or none (num_classes=0: every pooled feature is an output)
+            needed = torch.ones(self.num_features, dtype=torch.bool, device=self.stem.weight.device)
         last = getattr(self, self.stage_names[-1])
         needed = needed & last.kept_mask()[last.block_slices()[1][-1]].any(1)
         out = {"head.0": needed, "fc": needed}  # only the used outputs reach the head
@@ -270,6 +278,8 @@ class MobileNetV1DNW(nn.Module):
         removed — their channels cut from the depthwise convs, the BNs, the pointwise matrix,
         the stem and the FC — as the authors' "fast eval" does. Same outputs in eval mode (up to
         float summation order). ``rwdet.nn.export.export_subnetwork`` calls this."""
+        if self.num_classes == 0:
+            raise ValueError("export_pruned folds dead outputs into the FC; build with classes")
         new = copy.deepcopy(self)
         needed = self.sparse_liveness()
 
@@ -314,17 +324,20 @@ class MobileNetV1DNW(nn.Module):
         dropped = torch.ones_like(constant, dtype=torch.bool)
         dropped[prev] = False
         new.fc.bias.copy_(self.fc.bias + weight[:, dropped] @ constant[dropped])
-        new.feature_channels = len(prev)
+        new.feature_channels = new.num_features = len(prev)
         return new
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return stage_outputs(self, self.stem(x))
+    def stage_steps(self):
+        first, *rest = self.stage_names
+        steps = [(first, lambda x: getattr(self, first)(self.stem(x)))]
+        return steps + [(name, getattr(self, name)) for name in rest]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for name in self.stage_names:  # not forward_features: no dict of live stage outputs
-            x = getattr(self, name)(x)
-        return self.fc(self.head(x))
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def new_classifier(self, num_classes: int, in_features: int | None = None) -> nn.Module:
+        n = self.num_features if in_features is None else in_features
+        return DNWLinear(n, num_classes, k=self.width) if self.small else nn.Linear(n, num_classes)
 
 
 def _slice_conv(conv: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:

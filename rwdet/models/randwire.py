@@ -11,20 +11,23 @@ import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec, check_params, stage_seed
-from rwdet.models.registry import register_model, stage_outputs
+from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
+from rwdet.models.registry import register_model
 from rwdet.models.width import matched_channels
 from rwdet.nn.stage import GraphStage
 from rwdet.nn.wiring import get_wiring
 
 
-class RandWire(nn.Module):
-    """A RandWire classifier; ``forward_features`` returns the stride-2..32 stage outputs.
+class RandWire(StagedClassifier):
+    """A RandWire classifier; stages ``conv1..conv5`` at strides 2..32 (``feature_info``).
 
     Args:
         regime: "small" or "regular" (Table 1).
         channels: C. nodes: N.
         gen, gen_params, seed: the stage graphs' generator; stage i uses ``stage_seed(seed, i)``.
         graphs: explicit ``{stage name: GraphSpec}`` (from a checkpoint); overrides gen/seed.
+        num_classes: 0 builds no classifier (the model returns pooled ``num_features``).
+        dropout: before the classifier (timm's ``drop_rate``); None: 0.2 regular, 0 small.
         wiring: "static" (RandWire) or a learned mode; wiring_options go to its factory.
         stem: "imagenet" (conv1, conv2 downsample, output stride 32) or "small" for 28-32 px
             inputs (the first two downsamplings removed, output stride 8).
@@ -61,9 +64,9 @@ class RandWire(nn.Module):
             raise ValueError(f"regime={regime!r} is not known; use 'small' or 'regular'")
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not known; use 'imagenet' or 'small'")
-        for name, value in (("channels", channels), ("num_classes", num_classes)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels={channels!r} must be a positive integer")
+        check_num_classes(num_classes)
         mode = get_wiring(wiring, **(wiring_options or {}))
         conv = mode.conv_layer
         norm = norm_layer or mode.norm_layer
@@ -131,19 +134,24 @@ class RandWire(nn.Module):
         )
         if dropout is None:
             dropout = 0.2 if regime == "regular" else 0.0
+        dropout = check_dropout(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc = mode.linear_layer(head_channels, num_classes)
+        self._linear_layer = mode.linear_layer
+        self.num_features, self.num_classes = head_channels, num_classes
+        self.fc = mode.linear_layer(head_channels, num_classes) if num_classes else nn.Identity()
         self.regime = regime
         _init_weights(self)
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return stage_outputs(self, x)
+    def stage_steps(self):
+        return [(name, getattr(self, name)) for name in self.stage_names]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Not forward_features: its dict would keep every stage's output alive to the end.
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-        return self.fc(self.dropout(self.head(x)))
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        fc = self._linear_layer(self.num_features, num_classes)
+        _init_weights(fc)
+        return fc
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -170,19 +178,19 @@ def _with_matched_width(defaults: dict, kw: dict) -> dict:
     return args
 
 
-@register_model("randwire_small")
+@register_model("randwire_small", norm_layer=True)
 def randwire_small(**kw) -> RandWire:
     """Small regime (Table 2): C=78, N=32, ~583M FLOPs, ~5.6M params with WS(4, 0.75)."""
     return RandWire(**_with_matched_width({"regime": "small", "channels": 78, "nodes": 32}, kw))
 
 
-@register_model("randwire_c109")
+@register_model("randwire_c109", norm_layer=True)
 def randwire_c109(**kw) -> RandWire:
     """Regular regime (Table 3): C=109, ~4.0G FLOPs, ~31.9M params."""
     return RandWire(**_with_matched_width({"regime": "regular", "channels": 109, "nodes": 32}, kw))
 
 
-@register_model("randwire_c154")
+@register_model("randwire_c154", norm_layer=True)
 def randwire_c154(**kw) -> RandWire:
     """Regular regime (Table 3): C=154, ~7.9G FLOPs, ~61.5M params."""
     return RandWire(**_with_matched_width({"regime": "regular", "channels": 154, "nodes": 32}, kw))

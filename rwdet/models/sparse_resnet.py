@@ -9,8 +9,8 @@ torchvision's ResNet with its layers swapped, so the architecture is exactly tor
   edge-popup layers with fixed random weights and learned scores (k = 0.3, the paper's
   ImageNet setting), BatchNorm is non-affine, the FC has no bias (no learned weights at all).
 
-``forward_features`` returns ``conv1`` (stem, stride 2) and ``conv2..conv5`` (res2..res5, strides
-4..32), named as in RandWire so the Detectron2 backbone treats every model alike.
+The stages are ``conv1`` (stem, stride 2) and ``conv2..conv5`` (res2..res5, strides 4..32),
+named as in RandWire so the Detectron2 backbone treats every model alike.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
 from rwdet.models.registry import register_model
 from rwdet.nn.choose import kept_count
 from rwdet.nn.sparse_layers import (
@@ -51,7 +52,7 @@ def _swap(model: nn.Module, make) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-class SparseResNet(nn.Module):
+class SparseResNet(StagedClassifier):
     """torchvision ResNet whose convs and FC are DNW or edge-popup layers (or, with
     ``mode="dense"``, plain ones: the ResNet-50 baseline trained with rwdet's own recipe).
 
@@ -65,7 +66,11 @@ class SparseResNet(nn.Module):
         init, scale: edge-popup's fixed-weight distribution (``rwdet.nn.sparse_layers``).
         first_layer_dense: keep the stem conv an ordinary dense, learned conv.
         stem: "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv, no pool; 28-32 px).
+        num_classes: 0 builds no FC (the model returns pooled ``num_features``).
+        dropout: before the FC (timm's ``drop_rate``; torchvision's ResNet has none).
     """
+
+    head_modules = ("avgpool", "dropout", "fc")
 
     def __init__(
         self,
@@ -79,11 +84,16 @@ class SparseResNet(nn.Module):
         num_classes: int = 1000,
         in_channels: int = 3,
         stem: str = "imagenet",
+        dropout: float = 0.0,
     ):
         super().__init__()
         from torchvision.models.resnet import Bottleneck, ResNet
 
-        body = ResNet(Bottleneck, layers, num_classes=num_classes, width_per_group=width_per_group)
+        check_num_classes(num_classes)
+        dropout = check_dropout(dropout)
+        body = ResNet(
+            Bottleneck, layers, num_classes=num_classes or 1, width_per_group=width_per_group
+        )
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(body, name))
         self.avgpool, self.fc = body.avgpool, body.fc
@@ -102,6 +112,7 @@ class SparseResNet(nn.Module):
             if small:
                 self.maxpool = nn.Identity()
         self.mode, self.k, self.first_layer_dense = mode, float(k), bool(first_layer_dense)
+        self._popup = {"k": k, "init": init, "scale": scale}
 
         def make(name, m):
             if mode == "dense" or (name == "conv1" and first_layer_dense):
@@ -133,20 +144,31 @@ class SparseResNet(nn.Module):
             )
         )
         self.stage_strides = dict(zip(self.stage_names, [s, 2 * s, 4 * s, 8 * s, 16 * s]))
-        self.feature_channels = self.stage_channels["conv5"]
+        self.feature_channels = self.num_features = self.stage_channels["conv5"]
+        self.num_classes = num_classes
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if num_classes == 0:
+            self.fc = nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        c1 = self.relu(self.bn1(self.conv1(x)))
-        c2 = self.layer1(self.maxpool(c1))
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return {"conv1": c1, "conv2": c2, "conv3": c3, "conv4": c4, "conv5": c5}
+    def stage_steps(self):
+        return [
+            ("conv1", lambda x: self.relu(self.bn1(self.conv1(x)))),
+            ("conv2", lambda x: self.layer1(self.maxpool(x))),
+            ("conv3", self.layer2),
+            ("conv4", self.layer3),
+            ("conv5", self.layer4),
+        ]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.maxpool(x)))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(x), 1)
+
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        n = self.num_features
+        if self.mode == "popup":
+            return PopupLinear(n, num_classes, **self._popup)
+        if self.mode == "dnw":
+            return DNWLinear(n, num_classes, k=self.k)
+        return nn.Linear(n, num_classes)
 
 
 @register_model("resnet50")

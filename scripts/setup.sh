@@ -33,6 +33,9 @@ $PIP install -q -c constraints.txt torch torchvision
 $PIP install -q -c constraints.txt fvcore iopath pycocotools networkx matplotlib tensorboard tqdm \
   pyyaml pillow pytest ruff psutil \
   termcolor yacs tabulate cloudpickle omegaconf hydra-core black packaging
+# Export (tools/export.py: ONNX, checked with onnx.reference) and OpenCV for detectron2's
+# Visualizer; opencv-python-headless 4.11 is the last release built for numpy<2.
+$PIP install -q -c constraints.txt onnx onnxscript opencv-python-headless
 # make mutate only (mutation testing of the rules' modules, docs/testing.md).
 $PIP install -q -c constraints.txt mutmut
 

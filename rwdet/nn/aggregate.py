@@ -5,6 +5,10 @@ multiply plus a full reduction in backward, and autograd keeps the products' gra
 forward accumulates in place into one output (``add_(Z, alpha=g)``), and backward gives
 ``dL/dZ_i = g_i * dL/dI`` and ``dL/dg_i = <Z_i, dL/dI>`` as a single dot product. Only the
 parents' outputs (alive anyway, they are the graph's node outputs) are saved.
+
+Tracers cannot record a Python autograd op (``torch.jit.trace``: "Could not export Python
+function call"), so under tracing, scripting and ONNX export (``exporting()``) the sum is
+written with out-of-place tensor ops instead: the same kernels, the same numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,24 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl):
         return torch.dot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
     return (a * b).sum()
+
+
+def exporting() -> bool:
+    """True while ``torch.jit`` traces or scripts, or ``torch.onnx`` exports: then rwdet's
+    custom autograd ops take their plain tensor-math path (a tracer records only that)."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    return torch.onnx.is_in_onnx_export()
+
+
+def plain_weighted_sum(weights: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``sum weights[i] * inputs[i]`` with traceable out-of-place ops (``accumulate``'s kernels,
+    so the same numbers)."""
+    w = weights.to(inputs[0].dtype).unbind()
+    out = inputs[0] * w[0]
+    for z, wi in zip(inputs[1:], w[1:]):
+        out = torch.addcmul(out, z, wi)
+    return out
 
 
 def accumulate(inputs, w) -> torch.Tensor:
@@ -50,4 +72,6 @@ class WeightedSum(torch.autograd.Function):
 
 
 def weighted_sum(weights: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    if exporting():
+        return plain_weighted_sum(weights, inputs)
     return WeightedSum.apply(weights, *inputs)

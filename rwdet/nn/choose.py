@@ -22,6 +22,9 @@ Conventions, stated once for the whole library:
   (the same on every DDP rank, since ranks hold identical values).
 - ``topk`` of ``count`` (or of the ``n - count`` smallest, whichever is fewer) replaces the
   full sort of the reference implementations.
+- Under tracing, scripting and ONNX export (``rwdet.nn.aggregate.exporting``) both rules run
+  their forward only, as plain tensor ops; ``rwdet.nn.export.export_subnetwork`` first turns
+  the chosen subnetwork into fixed dense layers, which is what ``tools/export.py`` traces.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import math
 import numbers
 
 import torch
+
+from rwdet.nn.aggregate import exporting
 
 
 def kept_count(k: float, n: int) -> int:
@@ -97,6 +102,8 @@ def dnw_weight(w: torch.Tensor, count: int, allowed: torch.Tensor | None = None)
     entries get none, so they stay out of the optimizer's way as well as out of the forward.
     """
     mask = topk_mask(w.abs(), count, allowed)
+    if exporting():  # tracers record no Python autograd op; the forward is just this
+        return w * mask
     if allowed is None:
         empty = torch.empty(0, dtype=w.dtype, device=w.device)
         return _DNWStraightThrough.apply(w, mask, empty)
@@ -126,4 +133,6 @@ def popup_mask(scores: torch.Tensor, count: int, groups=None) -> torch.Tensor:
 
     ``groups``: optional ``[(indices, count), ...]`` partitioning a flat ``scores`` into
     layers that each keep their own top ``count`` (then ``count`` is ignored)."""
+    if exporting():  # tracers record no Python autograd op; the forward is just the mask
+        return _PopupStraightThrough.forward(None, scores.abs(), count, groups)
     return _PopupStraightThrough.apply(scores.abs(), count, groups)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec
-from rwdet.nn.aggregate import weighted_sum
+from rwdet.nn.aggregate import exporting, weighted_sum
 from rwdet.nn.fused import fusable, fused_stage
 from rwdet.nn.gates import EdgeGates, StaticGates
 from rwdet.nn.node_ops import build_node_op
@@ -110,14 +110,15 @@ class GraphStage(nn.Module):
         self.removed_nodes: set[int] = set()
 
     def _use_fused(self) -> bool:
-        # Tracers (torch.compile, jit.trace as in fvcore's FLOP count) get the node-by-node path.
+        # Tracers (torch.compile, jit.trace as in fvcore's FLOP count, jit.script, ONNX
+        # export) get the node-by-node path.
         return (
             self.fused
             and self.training
             and torch.is_grad_enabled()
             and not self.removed_edges
             and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
+            and not exporting()
             and all(fusable(op) for op in self.nodes)
         )
 
@@ -153,7 +154,7 @@ class GraphStage(nn.Module):
         if (
             (fused or not torch.is_grad_enabled())
             and x.device.type == "cpu"
-            and not torch.jit.is_tracing()
+            and not exporting()
             and not x.is_contiguous(memory_format=cl)
         ):
             return self._forward(x.contiguous(memory_format=cl), fused).contiguous()

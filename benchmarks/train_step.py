@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks._common import base_environment, median_rows, peak_bytes, run_json_worker  # noqa: E402
 
 BASELINE = "resnet50"
 DEFAULT_MODELS = [
@@ -110,11 +109,7 @@ def worker(args) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - t)
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if dev.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    peak = peak_bytes(dev)
     choice = choice_seconds(model, args.iters, sync)
     model.eval()
     infer = []
@@ -173,51 +168,24 @@ def run_worker(spec: str, args) -> dict:
     env = dict(os.environ)
     if args.preload:
         env["LD_PRELOAD"] = args.preload
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        return {"model": spec, "error": out.stderr.strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_worker(cmd, spec, env=env)
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
-    rows = []
-    base = [r for r in results.get(BASELINE, []) if "step_s" in r]
-    base_step = statistics.median(r["step_s"] for r in base) if base else None
-    base_peak = statistics.median(r["peak_bytes"] for r in base) if base else None
-    for model, runs in results.items():
-        ok = [r for r in runs if "step_s" in r]
-        if not ok:
-            rows.append({"model": model, "note": runs[0].get("skipped") or runs[0].get("error")})
-            continue
-        row = {"model": model}
-        for key in ("step_s", "peak_bytes", "infer_img_s", "train_img_s", "choice_share"):
-            if key in ok[0]:
-                row[key] = statistics.median(r[key] for r in ok)
-        if base_step:
-            row["step_ratio"] = row["step_s"] / base_step
-            row["peak_ratio"] = row["peak_bytes"] / base_peak
-        rows.append(row)
-    return rows
+    keys = ("step_s", "peak_bytes", "infer_img_s", "train_img_s", "choice_share")
+    ratios = {"step_ratio": "step_s", "peak_ratio": "peak_bytes"}
+    return median_rows(results, keys, BASELINE, ratios)
 
 
 def environment(args) -> dict:
-    import torch
-
-    env = {
-        "device": args.device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads or torch.get_num_threads(),
+    return {
+        **base_environment(args.device, args.threads),
         "batch": args.batch,
         "size": args.size,
         "amp": args.amp,
         "channels_last": args.channels_last,
         "preload": args.preload or None,
     }
-    if args.device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
 
 
 def main(argv=None):

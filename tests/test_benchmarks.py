@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -60,3 +61,67 @@ def test_edge_choice_counts_learned_wirings_only():
     small = build_model("randwire_small", wiring="dnw", channels=8, nodes=8)
     assert set(choosers(small)) == {"DNWGates"}
     assert choosers(build_model("randwire_small", channels=8, nodes=8)) == []
+
+
+@pytest.mark.slow
+def test_det_step_benchmark_tiny(tmp_path):
+    out = tmp_path / "det.json"
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "det_step.py")]
+        + ["--models", "r50_fpn", "randwire_c109", "--batch", "1", "--size", "64", "96"]
+        + ["--iters", "1", "--warmup", "0", "--rounds", "1", "--threads", "1"]
+        + ["--json", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    data = json.loads(out.read_text())
+    rows = {r["model"]: r for r in data["results"]}
+    assert list(rows) == ["r50_fpn", "randwire_c109"]
+    base, rw = rows["r50_fpn"], rows["randwire_c109"]
+    for row in (base, rw):
+        assert row["step_s"] > 0 and row["peak_bytes"] > 0 and row["infer_img_s"] > 0
+    # Two different detectors: the RandWire row is not the baseline's copy.
+    assert rw["params"] != base["params"]
+    # Ratios are the model's number over the R50-FPN row's, not 1 for every row.
+    assert rw["step_ratio"] == pytest.approx(rw["step_s"] / base["step_s"])
+    assert rw["peak_ratio"] == pytest.approx(rw["peak_bytes"] / base["peak_bytes"])
+    assert rw["infer_ratio"] == pytest.approx(rw["infer_img_s"] / base["infer_img_s"])
+    assert base["step_ratio"] == base["peak_ratio"] == 1.0
+    env = data["environment"]
+    assert env["batch"] == 1 and env["size"] == [64, 96] and env["threads"] == 1
+    assert env["baseline"] == "r50_fpn" and env["torch"] and env["detectron2"]
+
+
+GPU_CHECK_STEPS = ("pytest_gpu", "train_step", "det_step", "decode", "train_cls", "train_net")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_without_cuda(tmp_path):
+    out = tmp_path / "gpu"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PY=sys.executable)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], proc.stdout
+    assert "every step would run" in lines[0]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == list(GPU_CHECK_STEPS)
+    assert all(s["status"] == "dry-run ok" for s in report["steps"]), report["steps"]
+    md = (out / "report.md").read_text()
+    for name in GPU_CHECK_STEPS:
+        assert f"| {name} | dry-run ok |" in md
+    # The dry run really ran each check: pytest collected gpu tests, the configs loaded.
+    assert re.search(
+        r"\b[1-9]\d*(/\d+)? tests? collected", (out / "logs" / "pytest_gpu.log").read_text()
+    )
+    assert sum(s["timeout_s"] for s in report["steps"]) < 8 * 60
+    det_log = (out / "logs" / "det_step.log").read_text()
+    assert all(f"{m} config loads" in det_log for m in ("r50_fpn", "r101_fpn", "randwire_c154"))

@@ -322,3 +322,35 @@ def test_index_buffers_stay_out_of_checkpoints():
     spec = GraphSpec(n=3, edges=((0, 2), (1, 2)))
     keys = GraphStage(spec, 2, 2, node_op="conv").state_dict().keys()
     assert not [k for k in keys if k.endswith(("weighted_index", "in_edge_index"))]
+
+
+def test_traced_edge_choice_is_the_eager_forward():
+    """Under tracing (TorchScript/ONNX export) the edge choice takes its plain-tensor path: the
+    same forward as eager, for DNW's weight and popup's mask with and without groups."""
+    from rwdet.nn.choose import dnw_weight, popup_mask
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    allowed = torch.rand(6, 5) > 0.3
+    for args in ((w, 7), (w, 7, allowed)):
+        traced = torch.jit.trace(lambda t, a=args: dnw_weight(t, *a[1:]), (w,), check_trace=False)
+        assert torch.equal(traced(w), dnw_weight(*args).detach())
+    scores = torch.randn(10)
+    groups = [(torch.arange(0, 6), 2), (torch.arange(6, 10), 3)]
+    for count, grp in ((4, None), (4, groups)):
+        traced = torch.jit.trace(lambda s, c=count, g=grp: popup_mask(s, c, g), (scores,),
+                                 check_trace=False)  # fmt: skip
+        assert torch.equal(traced(scores), popup_mask(scores, count, grp).detach())
+    assert int(popup_mask(scores, 4, groups).sum()) == 5  # the groups' own counts
+
+
+def test_traced_aggregation_rounds_the_gates_as_eager_does():
+    """The export path's sum equals WeightedSum bit for bit, also for bf16/fp16 node outputs
+    with float32 gates (both round the gates to the outputs' dtype first)."""
+    from rwdet.nn.aggregate import WeightedSum, plain_weighted_sum
+
+    torch.manual_seed(0)
+    w = torch.rand(3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        z = [torch.randn(2, 4, 5, 5).to(dtype) for _ in range(3)]
+        assert torch.equal(plain_weighted_sum(w, z), WeightedSum.apply(w, *z))

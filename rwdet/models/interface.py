@@ -11,6 +11,7 @@ people bring from timm (``forward_features``, ``forward_head``, ``reset_classifi
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable, Sequence
 
@@ -48,7 +49,7 @@ class FeatureInfo(list):
         return self._column("module", idx)
 
 
-class StagedClassifier(nn.Module):
+class StagedClassifier(nn.Module, metaclass=abc.ABCMeta):
     """Base class of rwdet classifiers: stages, then ``head`` -> ``dropout`` -> ``fc``.
 
     A subclass sets ``stage_names``, ``stage_channels``, ``stage_strides``, ``num_features``
@@ -65,14 +66,17 @@ class StagedClassifier(nn.Module):
 
     head_modules: tuple[str, ...] = ("head", "dropout", "fc")
 
+    @abc.abstractmethod
     def stage_steps(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
-        raise NotImplementedError
+        """``(stage name, callable)`` pairs, run in order."""
 
+    @abc.abstractmethod
     def pool_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Final feature map -> ``(B, num_features)``."""
 
+    @abc.abstractmethod
     def new_classifier(self, num_classes: int) -> nn.Module:
-        raise NotImplementedError
+        """A fresh classifier layer of this model's kind (dense, DNW, popup)."""
 
     @property
     def feature_info(self) -> FeatureInfo:

@@ -53,7 +53,8 @@ from classification.precise_bn import recompute_bn_stats
 from classification.sampler import EvalSampler, TrainSampler, subset_indices
 from classification.schedule import CosineWarmup, scaled_lr
 from rwdet.atomic import atomic_write
-from rwdet.graphs import graphs_fingerprint, graphs_to_dict
+from rwdet.checkpoint_io import model_record
+from rwdet.graphs import graphs_fingerprint
 from rwdet.models import CLASSIFIER_MODULES, build_model, get_graphs
 from rwdet.models.verify import verify_graphs
 from rwdet.run.errors import UserError
@@ -324,12 +325,8 @@ def save_checkpoint(paths, model, state: dict, cfg: dict, d: DistInfo) -> None:
         return
     plain = ckpt_lib.unwrap(model)
     ema = state["ema"]
-    graphs = get_graphs(plain)
     obj = {
-        "model": plain.state_dict(),
-        "model_spec": plain.rwdet_spec,
-        "graphs": graphs_to_dict(graphs),
-        "graphs_fingerprint": graphs_fingerprint(graphs),
+        **model_record(plain),
         "ema": ema.state_dict() if ema is not None else None,
         "ema_updates": ema.updates if ema is not None else 0,
         "optimizer": state["optimizer"].state_dict(),

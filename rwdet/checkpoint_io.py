@@ -145,3 +145,19 @@ def checked_graphs(ckpt: dict, where: str, spec: dict | None = None) -> dict:
             f"{where} has a malformed 'graphs' entry ({type(e).__name__}: {e}); {_FIX}"
         ) from None
     return verify_graphs(stored, ckpt.get("graphs_fingerprint"), where, spec=spec)
+
+
+def model_record(model: torch.nn.Module) -> dict:
+    """What every rwdet file needs to rebuild ``model`` exactly: its state dict, registry spec,
+    stage graphs as edge lists and their fingerprint (checked on load by ``checked_graphs``).
+    The trainer's checkpoints add the training state to this."""
+    from rwdet.graphs import graphs_fingerprint, graphs_to_dict
+    from rwdet.models import get_graphs
+
+    graphs = get_graphs(model)
+    return {
+        "model": model.state_dict(),
+        "model_spec": model.rwdet_spec,
+        "graphs": graphs_to_dict(graphs),
+        "graphs_fingerprint": graphs_fingerprint(graphs),
+    }

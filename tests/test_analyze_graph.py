@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rwdet.analysis.graph_stats import stage_stats
+from rwdet.checkpoint_io import model_record
 from rwdet.graphs import GraphSpec, graphs_to_dict
 from rwdet.models import build_model, get_graphs
 
@@ -47,20 +48,12 @@ def _detectron2_files(tmp_path):
     'rwdet', plus the trainer's entries)."""
     from rwdet.d2.convert import convert_rwdet_checkpoint
     from rwdet.d2.weights import save_d2_weights
-    from rwdet.graphs import graphs_fingerprint
 
     model = build_model(
         "randwire_small", channels=8, nodes=6, seed=5, gen="ba", gen_params={"m": 2}
     )
     graphs = get_graphs(model)
-    data = convert_rwdet_checkpoint(
-        {
-            "model": model.state_dict(),
-            "model_spec": model.rwdet_spec,
-            "graphs": graphs_to_dict(graphs),
-            "graphs_fingerprint": graphs_fingerprint(graphs),
-        }
-    )
+    data = convert_rwdet_checkpoint(model_record(model))
     pkl = tmp_path / "converted.pkl"
     save_d2_weights(str(pkl), data)
     pth = tmp_path / "model_final.pth"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from rwdet.graphs import graphs_fingerprint, graphs_to_dict
-from rwdet.models import build_model, get_graphs
+from rwdet.checkpoint_io import model_record
+from rwdet.models import build_model
 from rwdet.nn.aggregate import WeightedSum, exporting, weighted_sum
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation
@@ -54,13 +54,9 @@ def run_tool(argv, capsys):
 
 
 def write_checkpoint(path, model, data=None, test_size=32):
-    graphs = get_graphs(model)
     torch.save(
         {
-            "model": model.state_dict(),
-            "model_spec": model.rwdet_spec,
-            "graphs": graphs_to_dict(graphs),
-            "graphs_fingerprint": graphs_fingerprint(graphs),
+            **model_record(model),
             "config": {"data": {"name": data, "test_size": test_size}},
         },
         path,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from rwdet.graphs import graphs_fingerprint, graphs_to_dict
+from rwdet.checkpoint_io import model_record
 from rwdet.models import (
     FeatureListModel,
     build_model,
@@ -166,16 +166,7 @@ def save_trained(path, name, kwargs):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(X).square().mean().backward()
     opt.step()
-    graphs = get_graphs(model)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "model_spec": model.rwdet_spec,
-            "graphs": graphs_to_dict(graphs),
-            "graphs_fingerprint": graphs_fingerprint(graphs),
-        },
-        path,
-    )
+    torch.save(model_record(model), path)
     return model.eval()
 
 

@@ -12,6 +12,8 @@ line naming the key instead of a traceback from deep inside the trainer.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import re
@@ -23,6 +25,9 @@ from rwdet.models.args import GEN_CHOICES, NODE_OP_CHOICES  # live registry view
 from rwdet.run.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+DATA_NAMES = ("auto", "imagenet", "fashion_mnist", "cifar10", "cifar100")
+# data.root given as NAME:PATH names the dataset (--data cifar10:/data/cifar).
+_PREFIXED_ROOT = re.compile(r"^(imagenet|cifar10|cifar100):(.+)$")
 
 DEFAULTS: dict = {
     # Run name; the output dir defaults to output/cls/<name>. None: derived from data and model.
@@ -67,9 +72,12 @@ DEFAULTS: dict = {
         "kwargs": {},
     },
     "data": {
-        # "auto" (fashion_mnist without data.root, else imagenet), "imagenet" or "fashion_mnist".
+        # "auto" (fashion_mnist without data.root, else imagenet, or the name in a root given as
+        # NAME:PATH), "imagenet", "fashion_mnist", "cifar10" or "cifar100".
         "name": "auto",
-        # Folder in ImageNet layout: ROOT/train/<class>/* and ROOT/val/<class>/* (or validation).
+        # Folder in ImageNet layout: ROOT/train/<class>/* and ROOT/val/<class>/* (or validation);
+        # for cifar10/cifar100 the root torchvision's CIFAR10(root) takes (or the batches folder
+        # itself), also written cifar10:PATH / cifar100:PATH.
         "root": None,
         # Fashion-MNIST idx files (train-images-idx3-ubyte.gz, ...).
         "fashion_mnist_dir": FASHION_MNIST_DIR,
@@ -213,7 +221,7 @@ _RULES: dict[str, Rule] = {
     "model.channels": Rule(int, ">= 1", none=True, example=78),
     "model.node_op": Rule(str, choices=NODE_OP_CHOICES, none=True, example="conv"),
     "model.kwargs": Rule(dict, example="{dropout: 0.2}"),
-    "data.name": Rule(choices=("auto", "imagenet", "fashion_mnist"), example="imagenet"),
+    "data.name": Rule(choices=DATA_NAMES, example="imagenet"),
     "data.root": Rule(str, none=True, example="/data/imagenet"),
     "data.train_size": Rule(bound=">= 1"),
     "data.test_size": Rule(bound=">= 1"),
@@ -568,8 +576,21 @@ def _as_text(value) -> str:
 def finalize(cfg: dict) -> dict:
     """Fill derived values (data name, run name, output dir) and check cross-key rules."""
     data = cfg["data"]
+    prefixed = _PREFIXED_ROOT.match(data["root"] or "")
+    if prefixed:
+        name, data["root"] = prefixed.groups()
+        if data["name"] not in ("auto", name):
+            raise UserError(
+                f"data.root names {name!r} but data.name={data['name']!r}; drop one of them"
+            )
+        data["name"] = name
     if data["name"] == "auto":
         data["name"] = "fashion_mnist" if data["root"] is None else "imagenet"
+    if data["name"] in ("cifar10", "cifar100") and not data["root"]:
+        raise UserError(
+            f"data.name={data['name']} needs the folder of its python batches; pass "
+            f"--data {data['name']}:ROOT (the root torchvision's CIFAR10(root) takes)"
+        )
     if data["name"] == "imagenet" and not data["root"]:
         raise UserError(
             "this recipe trains on a folder in ImageNet layout but no data root was given; "
@@ -584,15 +605,43 @@ def finalize(cfg: dict) -> dict:
     return cfg
 
 
+def _name_part(value) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "", text)
+
+
 def run_name(cfg: dict) -> str:
-    m = cfg["model"]
-    parts = [cfg["data"]["name"], m["name"]]
+    """The default run folder name: everything that makes one model or dataset differ from
+    another (data and its root, model, wiring, generator and parameters, width, nodes, node op,
+    model keywords, graph seed), so two different runs never share a folder (and so never
+    resume each other) unless ``--name``/``--output-dir`` says so. Training settings (epochs,
+    lr) are not in it: a changed setting continues the run, as a changed ``schedule.epochs``
+    should. A name longer than 120 characters keeps its readable start and a hash of the rest.
+    """
+    m, data = cfg["model"], cfg["data"]
+    parts = [data["name"]]
+    root = data.get("root")
+    if root and data["name"] != "fashion_mnist":
+        base = os.path.basename(os.path.normpath(str(root)))
+        if base and base != data["name"]:
+            parts[0] += f"-{_name_part(base)}"
+    parts.append(m["name"])
+    if m["wiring"] not in (None, "static"):
+        parts.append(m["wiring"])
     if m["gen"]:
         params = "".join(f"-{k}{v}" for k, v in sorted(m["gen_params"].items()))
         parts.append(f"{m['gen']}{params}")
+    for key, prefix in (("channels", "c"), ("nodes", "n"), ("node_op", "")):
+        if m[key] is not None:
+            parts.append(f"{prefix}{_name_part(m[key])}")
+    parts += [f"{_name_part(k)}-{_name_part(v)}" for k, v in sorted(m["kwargs"].items())]
     if m["seed"] is not None:
         parts.append(f"seed{m['seed']}")
-    return "_".join(parts)
+    name = "_".join(parts)
+    if len(name) > 120:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+        name = f"{name[:100]}_{digest}"
+    return name
 
 
 def to_yaml(cfg: dict) -> str:

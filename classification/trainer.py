@@ -55,7 +55,8 @@ from classification.schedule import CosineWarmup, scaled_lr
 from rwdet.atomic import atomic_write
 from rwdet.checkpoint_io import model_record
 from rwdet.graphs import graphs_fingerprint
-from rwdet.models import CLASSIFIER_MODULES, build_model, get_graphs
+from rwdet.models import build_model, get_graphs
+from rwdet.models.artifact import ModelFile, load_weights, read_model_file
 from rwdet.models.verify import verify_graphs
 from rwdet.run.errors import UserError
 from rwdet.run.stop import StopRequested, graceful_stop
@@ -121,6 +122,12 @@ def describe_data(cfg: dict, train_set, val_set, classes) -> str:
             f"data: Fashion-MNIST from {data['fashion_mnist_dir']} ({n_train} train / "
             f"{len(val_set)} test images, {len(classes)} classes, 28x28 grayscale, "
             f"train/test size {data['train_size']}/{data['test_size']}) -- {why}"
+        )
+    if data["name"] in ("cifar10", "cifar100"):
+        return (
+            f"data: {data['name']} batches under {data['root']} ({n_train} train / "
+            f"{len(val_set)} test images, {len(classes)} classes; train random crop "
+            f"{data['train_size']} pad 4 + flip, test size {data['test_size']})"
         )
     resize = data["test_resize"] or round(data["test_size"] / 0.875)
     return (
@@ -587,9 +594,10 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter, stop=None) -> dict:
                 "resuming %s: --weights %s was this run's starting point", path, cfg["weights"]
             )
         else:
-            init = ckpt_lib.load_checkpoint(cfg["weights"])
+            init = read_model_file(cfg["weights"])  # also a Detectron2 file's backbone
             where = cfg["weights"]
-            graphs = verify_graphs(init["graphs"], init.get("graphs_fingerprint"), where, spec)
+            record = init.record
+            graphs = verify_graphs(record["graphs"], record.get("graphs_fingerprint"), where, spec)
     model = build(spec, graphs)
     if init is not None:
         load_initial_weights(model, init, cfg["weights"], cfg["weights_strict"])
@@ -698,7 +706,7 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter, stop=None) -> dict:
         log.info("checkpoints: %s", out)
         print(
             f"final top-1: {final['top1']:.2f}%  top-5: {final['top5']:.2f}%  "
-            f"({final['count']} {('test' if cfg['data']['name'] == 'fashion_mnist' else 'val')} "
+            f"({final['count']} {('val' if cfg['data']['name'] == 'imagenet' else 'test')} "
             f"images, best top-1 {final['best_top1']:.2f}%)",
             flush=True,
         )
@@ -726,40 +734,24 @@ def start_run_files(cfg: dict, path: str | None, state: dict, writer, complexity
         writer.write("model", 0, complexity)
 
 
-def load_initial_weights(model: nn.Module, ckpt: dict, path: str, strict: bool) -> None:
-    """Start training from a checkpoint's weights (fine-tuning), not its training state.
+def load_initial_weights(model: nn.Module, file: ModelFile, path: str, strict: bool) -> None:
+    """Start training from a model file's weights (fine-tuning), not its training state.
 
-    Another class count is the usual difference: tensors of the classifier modules
-    (``CLASSIFIER_MODULES``) whose shape differs keep their fresh initialisation, and the log
-    names them. Any other difference means weights of another network and is an error, as is
-    any difference at all with ``weights_strict``.
+    Another class count is the usual difference (or none at all, from a Detectron2 backbone):
+    the classifier modules (``CLASSIFIER_MODULES``) then keep their fresh initialisation, and
+    the log names them. Any other difference means weights of another network and is an
+    error, as is any difference at all with ``weights_strict`` (``artifact.load_weights``).
     """
-    bad = ckpt_lib.nonfinite_tensors(ckpt["model"])
+    bad = ckpt_lib.nonfinite_tensors(file.state)
     if bad:
         raise UserError(f"--weights {path!r}: its weights hold NaN/Inf (e.g. {bad[0]})")
-    state, own = ckpt["model"], model.state_dict()
-    differ = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    problems = differ + missing + unexpected
-    outside = [k for k in problems if k.split(".")[0] not in CLASSIFIER_MODULES]
-    if problems and (strict or outside):
-        first = (outside or problems)[0]
-        what = "shape differs" if first in differ else "missing" if first in missing else "extra"
-        fix = (
-            "drop --weights-strict to re-initialise the classifier"
-            if strict and not outside
-            else "pass weights of the same model (name, width, nodes, node op) as the config"
-        )
-        raise UserError(
-            f"--weights {path!r} does not fit the model: {len(problems)} tensors differ "
-            f"(e.g. {first}: {what}); {fix}"
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in differ},
-                          strict=False)  # fmt: skip
-    fresh = sorted({k.rsplit(".", 1)[0] for k in problems})
+    try:
+        fresh = load_weights(model, file.state, f"--weights {path!r}", strict=strict)
+    except UserError as e:
+        raise UserError(str(e).replace("pass strict=False (--weights-strict off)",
+                                       "drop --weights-strict")) from None  # fmt: skip
     log.info(
-        "initialised from %s (%d tensors)%s", path, len(own) - len(differ) - len(missing),
+        "initialised from %s (%s file, %d tensors)%s", path, file.kind, len(file.state),
         f"; freshly initialised: {', '.join(fresh)}" if fresh else "",
     )  # fmt: skip
 
@@ -824,13 +816,15 @@ def eval_only(cfg: dict, d: DistInfo) -> dict:
     writer = MetricWriter(out, d.is_main, tensorboard=False)
     try:
         path = cfg["weights"]
-        ckpt = ckpt_lib.load_checkpoint(path)
-        weights = "model"
-        if cfg["eval"]["ema"]:
-            if ckpt.get("ema") is None:
-                raise ValueError(f"--eval-ema: checkpoint {path!r} has no EMA weights")
-            weights = "ema"
-        bad = ckpt_lib.nonfinite_tensors(ckpt[weights])
+        weights = "ema" if cfg["eval"]["ema"] else "model"
+        file = read_model_file(path, weights=weights)
+        if file.kind != "checkpoint":
+            raise UserError(
+                f"--eval-only --weights {path!r}: a {file.kind} file has no classifier to "
+                "evaluate; pass a checkpoint written by tools/train_cls.py (best.pth)"
+            )
+        ckpt = file.record
+        bad = ckpt_lib.nonfinite_tensors(file.state)
         if bad:  # any accuracy printed for them would be meaningless
             raise UserError(
                 f"checkpoint {path!r}: its {weights} weights hold NaN/Inf ({len(bad)} tensors, "
@@ -841,11 +835,9 @@ def eval_only(cfg: dict, d: DistInfo) -> dict:
         log.info("%s", describe_data(cfg, None, val_set, classes))
         spec = model_spec(cfg, len(classes), in_ch)
         ckpt_lib.check_model_spec(ckpt, spec, path, eval_only=True)
-        have = ckpt["model_spec"]
-        graphs = verify_graphs(ckpt["graphs"], ckpt.get("graphs_fingerprint"), path, spec)
-        model = build(have, graphs)
+        verify_graphs(ckpt["graphs"], ckpt.get("graphs_fingerprint"), path, spec)
+        model = file.build(strict=True)
         check_same_on_all_ranks(graphs_fingerprint(get_graphs(model)), "graph fingerprint")
-        model.load_state_dict(ckpt[weights])
         model = prepare_model(model, cfg, d)
         r = evaluate(model, eval_loader(val_set, cfg, d), d, cfg)
         r.update({"weights": path, "which": weights, "test_size": cfg["data"]["test_size"]})

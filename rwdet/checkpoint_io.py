@@ -4,9 +4,8 @@
 folder or an empty file, a text file (``KeyError: 101``), a truncated zip, a pickle of arbitrary
 objects. ``weights_only=True`` keeps code from running (and ``.pkl`` weights files go through
 the allow-list unpickler of ``rwdet.d2.weights``); this module turns each failure into a
-``UserError`` that names the file and says what to pass instead. Used by the Detectron2
-converter and ``tools/analyze.py``; ``classification/`` has its own loader (``rwdet`` does not
-import it).
+``UserError`` that names the file and says what to pass instead. Used by every reader of model
+files (``rwdet.models.artifact``, the Detectron2 converter, ``tools/analyze.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import torch
 
 from rwdet.run.errors import UserError
 
-RWDET_KEYS = ("model", "model_spec", "graphs")
 _FIX = "pass a checkpoint written by tools/train_cls.py (e.g. output/<run>/best.pth)"
 # Where a Detectron2 checkpoint or converted .pkl keeps the backbone's spec and graphs
 # (``rwdet.d2.weights.META_KEY``; not imported here, that would import detectron2).
@@ -93,10 +91,13 @@ def load_graph_record(path: str) -> dict:
     classification checkpoint (the checkpoint itself), a Detectron2 checkpoint written by
     ``tools/train_net.py`` or a ``.pkl`` converted by ``tools/convert_cls_to_d2.py`` (their
     ``rwdet`` entry). Loaded safely; nothing is verified here (``checked_graphs`` does)."""
+    from rwdet.file_io import local_path
+
+    local = local_path(path)
     if path.endswith(".pkl"):
-        data = load_pickle_file(path)
+        data = load_pickle_file(local)
     else:
-        data = load_torch_file(path, fix=GRAPH_FILES_FIX)
+        data = load_torch_file(local, fix=GRAPH_FILES_FIX)
     if not isinstance(data, dict):
         raise UserError(
             f"{path!r} holds a {type(data).__name__}, not an rwdet checkpoint; {GRAPH_FILES_FIX}"
@@ -110,23 +111,6 @@ def load_graph_record(path: str) -> dict:
         f"{path!r} is not an rwdet checkpoint: it has neither a 'graphs' entry (classification) "
         f"nor an {D2_META_KEY!r} entry (Detectron2); {GRAPH_FILES_FIX}"
     )
-
-
-def load_rwdet_checkpoint(path: str, required: tuple[str, ...] = RWDET_KEYS) -> dict:
-    """An rwdet classification checkpoint (a dict with ``required`` keys), safely loaded."""
-    ckpt = load_torch_file(path)
-    if not isinstance(ckpt, dict):
-        raise UserError(
-            f"{path!r} holds a {type(ckpt).__name__}, not an rwdet classification checkpoint "
-            f"(a dict with keys {list(required)}); {_FIX}"
-        )
-    missing = [k for k in required if k not in ckpt]
-    if missing:
-        raise UserError(
-            f"{path!r} is not an rwdet classification checkpoint: it lacks the key(s) {missing}; "
-            f"{_FIX}"
-        )
-    return ckpt
 
 
 def checked_graphs(ckpt: dict, where: str, spec: dict | None = None) -> dict:

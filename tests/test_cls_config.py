@@ -71,7 +71,33 @@ def test_demo_command_config():
     cfg = cli("--gen", "ws")
     assert cfg["model"]["gen"] == "ws" and cfg["model"]["kwargs"]["stem"] == "small"
     assert cfg["data"]["name"] == "fashion_mnist" and cfg["data"]["train_size"] == 28
-    assert cfg["name"] == "fashion_mnist_randwire_small_ws_seed1"
+    assert cfg["name"] == "fashion_mnist_randwire_small_ws_c16_n8_headchannels-256_stem-small_seed1"
+
+
+def test_runs_of_different_models_or_data_never_share_a_default_folder():
+    """Issue 14: the default folder names what sets a run apart, so a second command with
+    another width, node count, wiring, model keyword or dataset does not resume the first."""
+    base = ("--gen", "ws")
+    variants = [
+        base,
+        (*base, "--channels", "32"),
+        (*base, "--nodes", "12"),
+        (*base, "--wiring", "dnw"),
+        (*base, "--node-op", "conv"),
+        (*base, "--k", "6"),
+        (*base, "--seed", "2"),
+        (*base, "model.kwargs.head_channels=128"),
+        ("--gen", "er"),
+        ("--data", "/data/a/imagenet-100", "--gen", "ws"),
+        ("--data", "/data/b/imagenet-1k", "--gen", "ws"),
+    ]
+    names = [cli(*v)["name"] for v in variants]
+    assert len(set(names)) == len(names), names
+    assert all("/" not in n and " " not in n and len(n) <= 120 for n in names)
+    same = cli(*base, "--epochs", "5", "optim.lr=0.05")["name"]  # training settings: same run
+    assert same == names[0]
+    long = cli(*base, "model.kwargs.x_" + "a" * 150 + "=1")["name"]
+    assert len(long) <= 120 and long != cli(*base, "model.kwargs.x_" + "a" * 149 + "=1")["name"]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +154,7 @@ def test_flags_map_to_model_keywords():
     assert cfg["train"]["amp"] == "bf16" and cfg["train"]["channels_last"] and cfg["train"]["ema"]
     assert cfg["data"]["test_size"] == 320 and cfg["data"]["test_resize"] is None
     assert cfg["train"]["sync_bn"] is True
-    assert cfg["name"] == "imagenet_randwire_small_ws-k6-p0.5_seed3"
+    assert cfg["name"] == "imagenet-d_randwire_small_ws-k6-p0.5_c20_n12_seed3"
 
 
 def test_another_generator_drops_the_recipes_parameters():

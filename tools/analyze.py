@@ -111,7 +111,7 @@ def cmd_graph(args):
 
 
 def cmd_damage(args):
-    from rwdet.analysis.damage_run import run_damage
+    from classification.damage import run_damage
 
     at_least_one(args, "--max-images", "--limit")
     study = run_damage(

@@ -6,8 +6,8 @@
 #
 #   bash tools/demo_det.sh [CLASSIFICATION_CHECKPOINT] [KEY VALUE ...]
 #
-# Default checkpoint: the one `python tools/train_cls.py --gen ws` writes,
-# output/cls/fashion_mnist_randwire_small_ws_seed1/{best,last}.pth. Extra KEY VALUE pairs go
+# Default checkpoint: the one `python tools/train_cls.py --gen ws` writes, {best,last}.pth in
+# the folder `python tools/train_cls.py --gen ws --print-output-dir` names. Extra KEY VALUE pairs go
 # to tools/train_net.py as config overrides (e.g. SOLVER.MAX_ITER 100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ PY=${PY:-.venv/bin/python}
 # One thread: the detector runs thousands of small ops per step, and on a busy 2-core machine
 # two threads cost ~10x more time per iteration (measured 14 s vs 1.2 s). Override if you like.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-RUN=output/cls/fashion_mnist_randwire_small_ws_seed1
+RUN=$($PY tools/train_cls.py --gen ws --print-output-dir)
 CKPT=${1:-}
 [ $# -gt 0 ] && shift
 if [ -z "$CKPT" ]; then

@@ -36,8 +36,14 @@ from rwdet.run.errors import UserError, run_cli  # noqa: E402
 PROG = "docs_numbers.py"
 OUT = os.path.join("output", "docs_numbers")
 BLOCK = re.compile(r"<!-- docs_numbers:(\w+) -->\n(.*?)<!-- /docs_numbers -->", re.S)
-CLS_RUN = os.path.join("output", "cls", "fashion_mnist_randwire_small_ws_seed1")
 DEMO_CONFIG = os.path.join("configs", "frcnn_randwire_demo.yaml")
+
+
+def cls_run() -> str:
+    """The folder `make demo-cls` (``tools/train_cls.py --gen ws``) trains in."""
+    from classification.config import resolve
+
+    return resolve(None, {"model": {"gen": "ws"}})["output_dir"]
 
 
 # ---------------------------------------------------------------- blocks in the docs files
@@ -185,16 +191,17 @@ DIVERGED = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "diverged": True}
 
 def demo_weights() -> str:
     """The classification demo's checkpoint converted as demo_det.sh does (own copy)."""
+    run = cls_run()
     ckpt = next(
         (
-            os.path.join(CLS_RUN, f)
+            os.path.join(run, f)
             for f in ("best.pth", "last.pth")
-            if os.path.exists(os.path.join(ROOT, CLS_RUN, f))
+            if os.path.exists(os.path.join(ROOT, run, f))
         ),
         None,
     )
     if ckpt is None:
-        raise UserError(f"no classification demo checkpoint in {CLS_RUN}; run make demo-cls first")
+        raise UserError(f"no classification demo checkpoint in {run}; run make demo-cls first")
     out = os.path.join(OUT, "demo_randwire_small.pkl")
     run_logged(
         [python(), "tools/convert_cls_to_d2.py", ckpt, out, "--overwrite"],

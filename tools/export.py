@@ -96,7 +96,12 @@ def parse_args(argv):
 
 
 def _is_checkpoint(source: str) -> bool:
-    return os.path.sep in source or os.path.exists(source) or source.endswith((".pth", ".pt"))
+    return (
+        "://" in source
+        or os.path.sep in source
+        or os.path.exists(source)
+        or source.endswith((".pth", ".pt", ".pkl"))
+    )
 
 
 def load_classifier(args) -> tuple[torch.nn.Module, dict]:
@@ -126,32 +131,19 @@ def load_classifier(args) -> tuple[torch.nn.Module, dict]:
         in_chans = int(kwargs.get("in_channels", 3))
         return model.eval(), {"in_chans": in_chans, "size": 224, "data": None}
 
-    from rwdet.checkpoint_io import checked_graphs, load_rwdet_checkpoint
+    from rwdet.models.artifact import read_model_file
 
     if args.model_kwargs:
         raise UserError("--model-kwargs is for registered names; a checkpoint has its own spec")
     path = args.model
-    if path.endswith(".pkl"):
+    file = read_model_file(path)
+    if file.kind == "detectron2":
         raise UserError(
             f"{path!r} is a Detectron2 weights file; export the detector with --config-file "
             f"CONFIG MODEL.WEIGHTS {path}"
         )
-    ckpt = load_rwdet_checkpoint(path)
-    if "rwdet" in ckpt and "model_spec" not in ckpt:  # pragma: no cover - guarded above
-        raise UserError(f"{path!r} is a Detectron2 checkpoint; use --config-file")
-    spec = ckpt["model_spec"]
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise UserError(f"{path!r} has a malformed 'model_spec' entry")
-    graphs = checked_graphs(ckpt, path, spec)
-    kwargs = dict(spec.get("kwargs") or {})
-    if graphs:
-        kwargs["graphs"] = graphs
-    model = build_model(spec["name"], **kwargs)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{path!r}: its weights do not fit its model spec ({first})") from None
+    model = file.build(strict=True)
+    ckpt, spec = file.record, file.record["model_spec"]
     in_chans = int(spec.get("kwargs", {}).get("in_channels", 3))
     if args.in_chans is not None and args.in_chans != in_chans:
         raise UserError(f"--in-chans {args.in_chans}: {path!r} holds a {in_chans}-channel model")

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, default_model=None)  # --gen / --node-op choices: the live registries
     g = p.add_argument_group("data and schedule")
     g.add_argument(
-        "--data", help="ImageNet-layout root (ROOT/train, ROOT/val); default: Fashion-MNIST"
+        "--data",
+        help="ImageNet-layout root (ROOT/train, ROOT/val), or cifar10:ROOT / cifar100:ROOT "
+        "(torchvision's python batches); default: Fashion-MNIST",
     )
     g.add_argument("--workers", type=int, help="data-loading workers per process")
     g.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU")
@@ -55,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-seed", type=int, help="training seed (init, data order, dropout)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", help="default: output/cls/<name>")
-    g.add_argument("--name", help="run name")
+    g.add_argument("--name", help="run name (default: data, model and what sets it apart)")
+    g.add_argument(
+        "--print-output-dir",
+        action="store_true",
+        help="print the output folder this command would use, and exit (for scripts)",
+    )
     g.add_argument(
         "--resume",
         nargs="?",
@@ -134,6 +141,9 @@ def flags_from_args(a) -> dict:
 def train(argv: list[str]) -> None:
     args = parse_args(argv)
     cfg = resolve(args.config, flags_from_args(args), args.opts)
+    if args.print_output_dir:
+        print(cfg["output_dir"])
+        return
     from classification.trainer import main as run
 
     run(cfg)

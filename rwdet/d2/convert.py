@@ -26,10 +26,9 @@ import re
 import torch
 from torch import nn
 
-from rwdet.checkpoint_io import checked_graphs
 from rwdet.d2.weights import AUTHOR, BACKBONE_PREFIX, META_KEY, to_numpy_state
 from rwdet.graphs import graphs_fingerprint, graphs_to_dict
-from rwdet.models import CLASSIFIER_MODULES, build_model, get_graphs
+from rwdet.models import CLASSIFIER_MODULES, ModelSpec, build_model
 
 # Child modules that form a classifier (dropped: a detector never uses them, and parameters
 # without gradients would break DDP).
@@ -107,7 +106,8 @@ def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False, where: str = "ch
     _check_contract(ckpt)
     spec = ckpt["model_spec"]
     kwargs = dict(spec.get("kwargs") or {})
-    graphs = checked_graphs(ckpt, where, spec=spec)
+    model_spec = ModelSpec.from_record(ckpt, where)  # graphs checked against file and spec
+    graphs = model_spec.graphs
     state = ckpt["model"]
     if use_ema:
         if not ckpt.get("ema"):
@@ -115,9 +115,7 @@ def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False, where: str = "ch
         state = ckpt["ema"]
     state = _strip_module_prefix(dict(state))
 
-    model = build_model(spec["name"], **({"graphs": graphs} if graphs else {}), **kwargs)
-    if graphs and graphs_fingerprint(get_graphs(model)) != graphs_fingerprint(graphs):
-        raise ValueError("the rebuilt model's graphs differ from the checkpoint's graphs")
+    model = model_spec.build()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -1,6 +1,7 @@
 """rwdet models; every model registers itself here on import."""
 
 from rwdet.models import mobilenet_dnw, randwire, sparse_resnet  # noqa: F401  (registration)
+from rwdet.models.artifact import ModelFile, ModelSpec, load_model, read_model_file, save_model
 from rwdet.models.interface import FeatureInfo, FeatureListModel, StagedClassifier
 from rwdet.models.randwire import RandWire
 from rwdet.models.registry import (
@@ -21,12 +22,17 @@ __all__ = [
     "FeatureInfo",
     "FeatureListModel",
     "ModelCapabilities",
+    "ModelFile",
+    "ModelSpec",
     "RandWire",
     "StagedClassifier",
     "build_model",
     "get_graphs",
     "list_models",
+    "load_model",
     "model_capabilities",
+    "read_model_file",
     "register_model",
+    "save_model",
     "stage_outputs",
 ]

@@ -5,20 +5,17 @@ A classifier is a chain of named stages (``stage_names``; ``stage_channels`` and
 dropout, and a classifier ``fc``. ``StagedClassifier`` turns that description into the methods
 people bring from timm (``forward_features``, ``forward_head``, ``reset_classifier``,
 ``feature_info``), so the models themselves only say what their stages and head are.
-``FeatureListModel`` is what ``build_model(..., features_only=True)`` returns, and
-``load_pretrained`` is how ``build_model(..., pretrained=path)`` reads an rwdet checkpoint.
+``FeatureListModel`` is what ``build_model(..., features_only=True)`` returns
+(``build_model(..., pretrained=path)`` reads files through ``rwdet.models.artifact``).
 """
 
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-
-from rwdet.run.errors import UserError
 
 
 class FeatureInfo(list):
@@ -200,68 +197,3 @@ class FeatureListModel(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.model.forward_stages(x, self._stages)
         return [feats[s] for s in self._stages]
-
-
-def classifier_keys(model: nn.Module) -> list[str]:
-    """The module path of ``model.get_classifier()`` as a state-dict prefix (``"fc."``)."""
-    fc = model.get_classifier()
-    return [f"{name}." for name, m in model.named_modules() if m is fc and name]
-
-
-PRETRAINED_FIX = (
-    "pass pretrained='path/to/best.pth', a checkpoint written by tools/train_cls.py "
-    "(keys model, model_spec, graphs, graphs_fingerprint)"
-)
-
-
-def load_pretrained(
-    name: str, factory: Callable[..., nn.Module], path, kwargs: dict
-) -> tuple[nn.Module, dict]:
-    """Build ``name`` with the weights of the rwdet checkpoint at ``path``.
-
-    The architecture is the checkpoint's (its ``model_spec`` keywords and its stage graphs, so
-    the user need not repeat width, nodes or seeds), overridden by ``kwargs``. Graphs are
-    checked (fingerprint, and that ``kwargs`` would generate them). A different class count
-    (another ``num_classes``, or 0) leaves the classifier freshly initialised, as fine-tuning
-    wants; any other mismatch is an error. Returns the model and the keywords it was built
-    with (its ``rwdet_spec``).
-    """
-    from rwdet.checkpoint_io import checked_graphs, load_rwdet_checkpoint
-
-    path = os.fspath(path)
-    where = repr(path)
-    ckpt = load_rwdet_checkpoint(path)
-    stored = ckpt["model_spec"]
-    if not isinstance(stored, dict) or not isinstance(stored.get("kwargs", {}), dict):
-        raise UserError(f"{where}: its 'model_spec' is not a dict with 'name' and 'kwargs'")
-    if stored.get("name") != name:
-        raise UserError(
-            f"{where} holds weights of {stored.get('name')!r}, not {name!r}; build "
-            f"{stored.get('name')!r} with it, or pass a checkpoint of {name!r}"
-        )
-    merged = {**(stored.get("kwargs") or {}), **kwargs}
-    merged.pop("graphs", None)
-    graphs = checked_graphs(ckpt, where, spec={"name": name, "kwargs": merged})
-    model = factory(**merged, **({"graphs": graphs} if graphs else {}))
-    state, own = dict(ckpt["model"]), model.state_dict()
-    fc = classifier_keys(model) or ["fc."]
-    head = [k for k in set(state) | set(own) if k.startswith(tuple(fc))]
-    if any(k not in state or k not in own or state[k].shape != own[k].shape for k in head):
-        for k in head:  # another class count: keep the fresh classifier
-            state.pop(k, None)
-        fresh = {k for k in head if k in own}
-    else:
-        fresh = set()
-    differ = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
-    missing = sorted(set(own) - set(state) - fresh)
-    extra = sorted(set(state) - set(own))
-    if differ or missing or extra:
-        first = (differ or missing or extra)[0]
-        what = "shape differs" if differ else "missing" if missing else "not in the model"
-        raise UserError(
-            f"{where} does not fit {name} {merged}: {len(differ + missing + extra)} tensors "
-            f"differ (e.g. {first}: {what}); pass the keywords it was trained with (e.g. the "
-            f"same in_chans), or leave them out to use the checkpoint's"
-        )
-    model.load_state_dict(state, strict=not fresh)
-    return model, merged

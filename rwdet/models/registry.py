@@ -121,10 +121,11 @@ def build_model(
     here is what makes a saved model reloadable.
 
     Args:
-        pretrained: None/False for fresh weights; a path of a checkpoint written by
-            ``tools/train_cls.py`` to start from its weights (its architecture keywords and
-            graphs are used unless overridden here; see ``interface.load_pretrained``). True is
-            refused: rwdet registers no downloadable default weights.
+        pretrained: None/False for fresh weights; a path or URI of an rwdet model file (see
+            ``rwdet.models.artifact``) to start from its weights: its architecture keywords
+            and graphs are used, overridden by the keywords given here; another class count
+            leaves a fresh classifier. True is refused: rwdet registers no downloadable
+            default weights.
         num_classes: classifier outputs; 0 builds no classifier, and the model returns pooled
             ``(B, model.num_features)`` features.
         in_chans, drop_rate: timm's names for the model's ``in_channels`` and classifier
@@ -147,16 +148,26 @@ def build_model(
         )
     if pretrained is None or pretrained is False:
         model = MODELS[name](**kwargs)
+        model.rwdet_spec = {
+            "name": name,
+            "kwargs": {k: v for k, v in kwargs.items() if k != "graphs"},
+        }
     elif isinstance(pretrained, (str, os.PathLike)):
-        from rwdet.models.interface import load_pretrained
+        from rwdet.models.artifact import read_model_file
 
-        model, kwargs = load_pretrained(name, MODELS[name], pretrained, kwargs)
+        file = read_model_file(pretrained)
+        if file.spec.name != name:
+            raise UserError(
+                f"{os.fspath(pretrained)!r} holds weights of {file.spec.name!r}, not {name!r}; "
+                f"build {file.spec.name!r} with it, or pass a file of {name!r}"
+            )
+        if "graphs" in kwargs:
+            raise UserError(
+                f"pretrained={os.fspath(pretrained)!r} brings its own graphs; leave graphs= out"
+            )
+        model = file.build(**kwargs)  # its rwdet_spec: the file's keywords with these on top
     else:
         raise TypeError(f"pretrained={pretrained!r} must be None, False, True or a path")
-    model.rwdet_spec = {
-        "name": name,
-        "kwargs": {k: v for k, v in kwargs.items() if k != "graphs"},
-    }
     if features_only:
         from rwdet.models.interface import FeatureListModel
 

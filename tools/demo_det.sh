@@ -47,3 +47,11 @@ if [ -z "$line" ]; then
 fi
 echo "demo_det: done in $(( $(date +%s) - start )) s; tree-crown val (9 held-out tiles, 206 trees):"
 echo "$line"
+# The detector's boxes on the first held-out tile next to its annotated crowns (one PNG).
+if ! $PY tools/visualize_det.py --config-file configs/frcnn_randwire_demo.yaml \
+    MODEL.WEIGHTS "$OUT/model_final.pth" OUTPUT_DIR "$OUT" "$@" > "$OUT.visualize.txt" 2>&1; then
+  echo "demo_det: drawing the boxes failed; see $OUT.visualize.txt" >&2
+  tail -3 "$OUT.visualize.txt" >&2
+  exit 1
+fi
+grep "^visualize_det.py: wrote" "$OUT.visualize.txt" | sed 's/^visualize_det.py/demo_det/'

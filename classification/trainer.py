@@ -745,11 +745,11 @@ def load_initial_weights(model: nn.Module, file: ModelFile, path: str, strict: b
     bad = ckpt_lib.nonfinite_tensors(file.state)
     if bad:
         raise UserError(f"--weights {path!r}: its weights hold NaN/Inf (e.g. {bad[0]})")
-    try:
-        fresh = load_weights(model, file.state, f"--weights {path!r}", strict=strict)
-    except UserError as e:
-        raise UserError(str(e).replace("pass strict=False (--weights-strict off)",
-                                       "drop --weights-strict")) from None  # fmt: skip
+    shape_fix = "pass weights of the same model (name, width, nodes, node op, stem) as the config"
+    if file.kind == "detectron2":
+        shape_fix += " (a Detectron2 backbone has 3 input channels and the ImageNet stem)"
+    fixes = (shape_fix, "drop --weights-strict to re-initialise the classifier")
+    fresh = load_weights(model, file.state, f"--weights {path!r}", strict, fixes)
     log.info(
         "initialised from %s (%s file, %d tensors)%s", path, file.kind, len(file.state),
         f"; freshly initialised: {', '.join(fresh)}" if fresh else "",

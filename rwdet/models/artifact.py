@@ -142,13 +142,28 @@ class ModelFile:
         return model
 
 
-def load_weights(model: nn.Module, state: dict, where: str, strict: bool = False) -> list[str]:
+STRICT_FIX = "pass strict=False to re-initialise the classifier"
+SHAPE_FIX = (
+    "pass weights of the same architecture (name, width, nodes, node op), or leave out "
+    "keywords that change it to use the file's"
+)
+
+
+def load_weights(
+    model: nn.Module,
+    state: dict,
+    where: str,
+    strict: bool = False,
+    fixes: tuple[str, str] = (SHAPE_FIX, STRICT_FIX),
+) -> list[str]:
     """Load ``state`` into ``model``; returns the classifier modules left freshly initialised.
 
     Tolerated differences, each for a reason: classifier tensors of another class count (unless
     ``strict``); ``num_batches_tracked`` missing (detectron2's FrozenBatchNorm has none);
     ``weight``/``bias`` of a BatchNorm without affine parameters when they are exactly 1 and 0
-    (the converter writes them so detectron2's FrozenBatchNorm can load them).
+    (the converter writes them so detectron2's FrozenBatchNorm can load them). ``fixes``:
+    what the error advises for a mismatch outside the classifier, and for one inside it
+    under ``strict``.
     """
     state, own = dict(state), model.state_dict()
     for key in [k for k in state if k not in own and k.rsplit(".", 1)[-1] in ("weight", "bias")]:
@@ -168,12 +183,7 @@ def load_weights(model: nn.Module, state: dict, where: str, strict: bool = False
     if problems and (strict or outside):
         first = (outside or problems)[0]
         what = "shape differs" if first in differ else "missing" if first in missing else "extra"
-        fix = (
-            "pass strict=False (--weights-strict off) to re-initialise the classifier"
-            if not outside
-            else "pass weights of the same architecture (name, width, nodes, node op), or "
-            "leave out keywords that change it to use the file's"
-        )
+        fix = fixes[0] if outside else fixes[1]
         name = getattr(model, "rwdet_spec", {}).get("name", "")
         raise UserError(
             f"{where} does not fit the model {name}: {len(problems)} tensors differ "

@@ -14,7 +14,10 @@ One *static neural graph* per resolution, with **channel-level** nodes:
   ``round(d^2 * sum c_in*c_out)`` (channels ``c*d`` unrounded, as in the authors' release).
 - ``h_psi``: BN -> ReLU -> global pool -> FC 1024 x classes. (Table 5 lists pool + FC; the
   BN-ReLU on the linear output nodes is from the authors' released model.) ``_small``: the FC
-  is a DNW layer limited to MobileNetV1 x``d``'s FC edges (``1024*d*classes``).
+  is a DNW layer limited to MobileNetV1 x``d``'s FC edges (``1024*d*classes``), without bias
+  (the authors' FC is then a bias-free 1x1 conv graph).
+- graph weights start as the authors' (PyTorch's default for their 1x1 conv over all source
+  nodes): ``U(-1/sqrt(n_src), 1/sqrt(n_src))``.
 
 ``wiring="dnw"`` chooses the real edges per step with ``rwdet.nn.choose.dnw_weight`` among the
 *allowed* entries (the released code ranks the whole rectangle, so impossible entries could use
@@ -100,8 +103,11 @@ class NeuralGraph(nn.Module):
         self.budget = int(budget)
         self.register_buffer("allowed", allowed, persistent=False)
         rows, cols = allowed.shape
-        # He-uniform on the mean number of real in-edges; only |w| order matters to the choice.
-        bound = math.sqrt(6.0 / max(1.0, budget / rows))
+        # The authors' graph is a bias-free 1x1 nn.Conv2d over all source nodes, initialised
+        # by PyTorch's default (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(cols), 1/sqrt(cols)).
+        # The scale sets how far an SGD step moves |w| relative to its neighbours, i.e. how
+        # fast edges swap early in training, so it follows the authors, not He's rule.
+        bound = 1.0 / math.sqrt(cols)
         self.weight = nn.Parameter(torch.empty(rows, cols).uniform_(-bound, bound))
         if wiring == "rg":
             gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
@@ -314,7 +320,7 @@ class MobileNetV1DNW(StagedClassifier):
         new.head[0] = nn.BatchNorm2d(len(prev))
         _copy_bn(new.head[0], self.head[0], prev)
         weight = self.fc.masked_weight() if isinstance(self.fc, DNWLinear) else self.fc.weight
-        new.fc = nn.Linear(len(prev), self.fc.out_features)
+        new.fc = nn.Linear(len(prev), self.fc.out_features)  # a bias to fold constants into
         new.fc.weight.copy_(weight[:, prev])
         # Dropped outputs are constant zeros: fold BN(0) -> ReLU (the pooled value) into the bias.
         bn = self.head[0]
@@ -323,7 +329,8 @@ class MobileNetV1DNW(StagedClassifier):
         )
         dropped = torch.ones_like(constant, dtype=torch.bool)
         dropped[prev] = False
-        new.fc.bias.copy_(self.fc.bias + weight[:, dropped] @ constant[dropped])
+        bias = self.fc.bias if self.fc.bias is not None else torch.zeros_like(new.fc.bias)
+        new.fc.bias.copy_(bias + weight[:, dropped] @ constant[dropped])
         new.feature_channels = new.num_features = len(prev)
         return new
 
@@ -337,7 +344,9 @@ class MobileNetV1DNW(StagedClassifier):
 
     def new_classifier(self, num_classes: int, in_features: int | None = None) -> nn.Module:
         n = self.num_features if in_features is None else in_features
-        return DNWLinear(n, num_classes, k=self.width) if self.small else nn.Linear(n, num_classes)
+        if self.small:  # the authors' DNW-Small FC is a graph too: a bias-free 1x1 conv
+            return DNWLinear(n, num_classes, bias=False, k=self.width)
+        return nn.Linear(n, num_classes)
 
 
 def _slice_conv(conv: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:

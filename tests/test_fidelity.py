@@ -64,3 +64,17 @@ def test_dnw_small_fc_has_no_bias():
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     small.reset_classifier(5)
     assert small.fc.bias is None and small.fc.out_features == 5
+
+
+def test_mobilenet_random_graphs_use_the_shared_stage_seed():
+    """Every model's stage i draws from ``stage_seed(seed, i)`` (neighbouring seeds share no
+    graph), MobileNet-RG's graphs too."""
+    from rwdet.graphs import stage_seed
+
+    a = build_model("mobilenetv1_rg_x0225", node_multiplier=0.25, seed=3, num_classes=10)
+    b = build_model("mobilenetv1_rg_x0225", node_multiplier=0.25, seed=4, num_classes=10)
+    for i, name in enumerate(a.stage_names):
+        g = getattr(a, name)
+        twin = NeuralGraph(g.blocks, g.budget, g.stride, "rg", seed=stage_seed(3, i))
+        assert torch.equal(g.mask, twin.mask)
+        assert not torch.equal(g.mask, getattr(b, name).mask)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwdet.graphs import stage_seed
 from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
 from rwdet.models.registry import register_model
 from rwdet.nn.choose import dnw_weight, topk_mask
@@ -195,7 +196,8 @@ class MobileNetV1DNW(StagedClassifier):
     Args:
         width: d, the MobileNetV1 width multiplier whose pointwise edge count is the budget.
         small: DNW-Small — the FC is also limited to MobileNetV1 x d's FC edges.
-        seed: the random graphs of ``wiring="rg"``.
+        seed: the random graphs of ``wiring="rg"`` (graph i from ``stage_seed(seed, i)``, the
+            stage-seed function every rwdet model uses).
         stem: "imagenet" (g_phi stride 2, output stride 32) or "small" (stride 1, CIFAR).
         node_multiplier: scales every node count (1.0 = the paper's MobileNetV1 x1 counts;
             smaller values give quick test models with the same structure).
@@ -242,7 +244,7 @@ class MobileNetV1DNW(StagedClassifier):
         for i, (name, c_in, c_out, layers, s) in enumerate(plan):
             budget = mobilenet_budget(c_in, c_out, layers, width)
             blocks = [c_in] + [c_out] * layers
-            graph = NeuralGraph(blocks, budget, s, wiring, seed=seed * 1000 + i)
+            graph = NeuralGraph(blocks, budget, s, wiring, seed=stage_seed(seed, i))
             setattr(self, name, graph)
             stride *= s
             self.stage_channels[name], self.stage_strides[name] = c_out, stride

@@ -58,6 +58,7 @@ from rwdet.graphs import graphs_fingerprint
 from rwdet.models import build_model, get_graphs
 from rwdet.models.artifact import ModelFile, load_weights, read_model_file
 from rwdet.models.verify import verify_graphs
+from rwdet.run import allocator
 from rwdet.run.errors import UserError
 from rwdet.run.stop import StopRequested, graceful_stop
 
@@ -565,7 +566,10 @@ def train(cfg: dict, d: DistInfo) -> dict:
 
 def _train(cfg: dict, d: DistInfo, writer: MetricWriter, stop=None) -> dict:
     out, tc = cfg["output_dir"], cfg["train"]
-    log.info("output dir: %s (%d process%s, %s)", out, d.world, "es" * (d.world > 1), d.device)
+    log.info(
+        "output dir: %s (%d process%s, %s, memory allocator %s)",
+        out, d.world, "es" * (d.world > 1), d.device, allocator.describe(),
+    )  # fmt: skip
     seed_all(cfg["seed"])
     train_set, val_set, classes, in_ch = build_datasets(cfg, train=True)
     log.info("%s", describe_data(cfg, train_set, val_set, classes))

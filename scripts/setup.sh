@@ -79,6 +79,21 @@ if [ ! -d "$FMNIST" ]; then
   fi
 fi
 
+# tcmalloc (Debian libtcmalloc-minimal4), the allocator PyTorch's CPU tuning guide recommends:
+# the tools preload it on CPU (rwdet/run/allocator.py). Without it they use glibc's malloc,
+# which keeps more memory resident (docs/performance.md).
+if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "rwdet setup: installing Debian package libtcmalloc-minimal4 (CPU memory allocator)"
+    if ! { apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+           { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }; }; then
+      echo "rwdet setup: WARNING could not install libtcmalloc-minimal4; the tools use glibc malloc." >&2
+    fi
+  else
+    echo "rwdet setup: tcmalloc not found; for less CPU memory: sudo apt-get install libtcmalloc-minimal4"
+  fi
+fi
+
 $PY -c "import rwdet, classification, detectron2, torchvision; from torchvision.ops import nms"
 echo "$inputs_hash" > "$STAMP"
 echo "rwdet setup: done ($VENV)"

@@ -18,6 +18,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # before torch loads: the allocator is chosen at process start
+    from rwdet.run.allocator import use_preferred_allocator
+
+    use_preferred_allocator()
 
 from classification.config import resolve  # noqa: E402
 from rwdet.models.args import GEN_PARAM_FLAGS, add_model_args  # noqa: E402

@@ -18,7 +18,12 @@ RWDET_DEBUG=1: the traceback).
 
 import sys
 
-from detectron2.engine import default_argument_parser, launch
+if __name__ == "__main__":  # before torch loads: the allocator is chosen at process start
+    from rwdet.run.allocator import use_preferred_allocator
+
+    use_preferred_allocator()
+
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 

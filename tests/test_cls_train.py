@@ -25,6 +25,7 @@ from classification.config import resolve
 from classification.distributed import check_same_on_all_ranks
 from rwdet.graphs import graphs_fingerprint, graphs_from_dict
 from rwdet.models import build_model, get_graphs
+from rwdet.run.allocator import find_tcmalloc
 from rwdet.run.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,7 +216,9 @@ def test_two_process_ddp_with_torchrun(dataset, tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "(2 processes, cpu)" in proc.stdout
+    assert "(2 processes, cpu, memory allocator " in proc.stdout
+    if find_tcmalloc() and "LD_PRELOAD" not in ENV:  # torchrun's workers re-exec under it too
+        assert "memory allocator libtcmalloc" in proc.stdout
     assert proc.stdout.count("final top-1") == 1  # only rank 0 reports
     evals = records(out, "eval")
     assert len(evals) == 3  # one writer: no duplicated records

@@ -16,7 +16,8 @@ _SEEDS: dict[tuple, dict] = {}
 
 
 def sparse(name: str, **kwargs) -> dict:
-    """``sparse_complexity`` at 224 px with torch seed 0 (DNW/popup initialisation), memoised."""
+    """``sparse_complexity`` at 224 px (a model's own ``input_size`` if it has one) with torch
+    seed 0 (DNW/popup initialisation), memoised."""
     key = (name, json.dumps(kwargs, sort_keys=True))
     if key not in _SPARSE:
         import torch
@@ -25,7 +26,10 @@ def sparse(name: str, **kwargs) -> dict:
         from rwdet.sparse_complexity import sparse_complexity
 
         torch.manual_seed(0)
-        _SPARSE[key] = sparse_complexity(build_model(name, **kwargs), input_size=224)
+        model = build_model(name, **kwargs)
+        # CIFAR-sized models (conv2..conv8) have a head sized for their own input.
+        size = getattr(model, "input_size", 224)
+        _SPARSE[key] = sparse_complexity(model, input_size=size)
     return _SPARSE[key]
 
 

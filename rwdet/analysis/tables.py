@@ -71,7 +71,9 @@ def zoo_rows(names=None, input_size: int = 224) -> list[dict]:
     rows = []
     for name in names or list_models():
         torch.manual_seed(0)
-        c = sparse_complexity(build_model(name), input_size=input_size)
+        model = build_model(name)
+        # CIFAR-sized models (conv2..conv8) have a head sized for their own input.
+        c = sparse_complexity(model, input_size=getattr(model, "input_size", input_size))
         rows.append({"model": name, **{k: c[k] for k in ("params_dense", "params_kept")}})
         rows[-1].update({"flops_dense": c["flops_dense"], "flops_kept": c["flops"]})
     return rows

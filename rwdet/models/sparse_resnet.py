@@ -26,9 +26,13 @@ from rwdet.nn.sparse_layers import (
     DNWLinear,
     PopupConv2d,
     PopupLinear,
+    SupermaskConv2d,
+    SupermaskLinear,
     _check_init,
     nonaffine_batchnorm,
 )
+
+WIRINGS = ("dnw", "popup", "supermask", "dense")
 
 
 def _conv_args(conv: nn.Conv2d) -> dict:
@@ -53,17 +57,19 @@ def _swap(model: nn.Module, make) -> None:
 
 
 class SparseResNet(StagedClassifier):
-    """torchvision ResNet whose convs and FC are DNW or edge-popup layers (or, with
-    ``mode="dense"``, plain ones: the ResNet-50 baseline trained with rwdet's own recipe).
+    """torchvision ResNet whose convs and FC are DNW, edge-popup or supermask layers (or, with
+    ``wiring="dense"``, plain ones: the ResNet-50 baseline trained with rwdet's own recipe).
 
     It adopts the modules of a torchvision ``ResNet`` (so state_dict keys are torchvision's)
     rather than subclassing it: torchvision is imported only when a ResNet is built, which
     keeps ``import rwdet.models`` light.
 
     Args:
-        mode: "dnw" (sparse training), "popup" (subnetwork of a random network) or "dense".
-        k: fraction of each layer's weights KEPT.
-        init, scale: edge-popup's fixed-weight distribution (``rwdet.nn.sparse_layers``).
+        wiring: "dnw" (sparse training), "popup" (subnetwork of a random network),
+            "supermask" (Zhou et al.'s sampled mask of a random network) or "dense". The
+            keyword was ``mode`` before; ``mode=`` is refused with a pointer to ``wiring``.
+        k: fraction of each layer's weights KEPT (supermask: only sizes a scaled init).
+        init, scale: the fixed-weight distribution (``rwdet.nn.inits``).
         first_layer_dense: keep the stem conv an ordinary dense, learned conv.
         stem: "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv, no pool; 28-32 px).
         num_classes: 0 builds no FC (the model returns pooled ``num_features``).
@@ -76,7 +82,7 @@ class SparseResNet(StagedClassifier):
         self,
         layers: list[int],
         width_per_group: int = 64,
-        mode: str = "popup",
+        wiring: str = "popup",
         k: float = 0.3,
         init: str = "signed_constant",
         scale: bool = True,
@@ -85,7 +91,10 @@ class SparseResNet(StagedClassifier):
         in_channels: int = 3,
         stem: str = "imagenet",
         dropout: float = 0.0,
+        mode: str | None = None,
     ):
+        if mode is not None:
+            raise TypeError(f"mode={mode!r}: the keyword is now wiring=; pass wiring={mode!r}")
         super().__init__()
         from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -97,8 +106,8 @@ class SparseResNet(StagedClassifier):
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(body, name))
         self.avgpool, self.fc = body.avgpool, body.fc
-        if mode not in ("dnw", "popup", "dense"):
-            raise ValueError(f"mode={mode!r} is not known; use 'dnw', 'popup' or 'dense'")
+        if wiring not in WIRINGS:
+            raise ValueError(f"wiring={wiring!r} is not known; choose one of {list(WIRINGS)}")
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not known; use 'imagenet' or 'small'")
         kept_count(k, 1)  # validates k
@@ -111,25 +120,29 @@ class SparseResNet(StagedClassifier):
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             if small:
                 self.maxpool = nn.Identity()
-        self.mode, self.k, self.first_layer_dense = mode, float(k), bool(first_layer_dense)
+        self.wiring, self.k, self.first_layer_dense = wiring, float(k), bool(first_layer_dense)
         self._popup = {"k": k, "init": init, "scale": scale}
 
         def make(name, m):
-            if mode == "dense" or (name == "conv1" and first_layer_dense):
+            if wiring == "dense" or (name == "conv1" and first_layer_dense):
                 return None
             if isinstance(m, nn.Conv2d):
-                if mode == "popup":
+                if wiring == "popup":
                     return PopupConv2d(**_conv_args(m), bias=False, k=k, init=init, scale=scale)
+                if wiring == "supermask":
+                    return SupermaskConv2d(**_conv_args(m), k=k, init=init, scale=scale)
                 new = DNWConv2d(**_conv_args(m), bias=m.bias is not None, k=k)
                 new.load_state_dict(m.state_dict())  # keep torchvision's initialisation
                 return new
             if isinstance(m, nn.Linear):
-                if mode == "popup":
+                if wiring == "popup":
                     return PopupLinear(m.in_features, m.out_features, k=k, init=init, scale=scale)
+                if wiring == "supermask":
+                    return SupermaskLinear(m.in_features, m.out_features, **self._popup)
                 new = DNWLinear(m.in_features, m.out_features, k=k)
                 new.load_state_dict(m.state_dict())
                 return new
-            if isinstance(m, nn.BatchNorm2d) and mode == "popup":
+            if isinstance(m, nn.BatchNorm2d) and wiring in ("popup", "supermask"):
                 return nonaffine_batchnorm(m.num_features)
             return None
 
@@ -164,9 +177,11 @@ class SparseResNet(StagedClassifier):
 
     def new_classifier(self, num_classes: int) -> nn.Module:
         n = self.num_features
-        if self.mode == "popup":
+        if self.wiring == "popup":
             return PopupLinear(n, num_classes, **self._popup)
-        if self.mode == "dnw":
+        if self.wiring == "supermask":
+            return SupermaskLinear(n, num_classes, **self._popup)
+        if self.wiring == "dnw":
             return DNWLinear(n, num_classes, k=self.k)
         return nn.Linear(n, num_classes)
 
@@ -175,29 +190,29 @@ class SparseResNet(StagedClassifier):
 def resnet50(**kw) -> SparseResNet:
     """Plain ResNet-50 (torchvision layout): the RandWire Table 3/5 baseline, trained by rwdet's
     trainer with the same recipe, then converted with ``convert_cls_to_d2.py --to d2-resnet``."""
-    return SparseResNet(**{"layers": [3, 4, 6, 3], "mode": "dense", **kw})
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "wiring": "dense", **kw})
 
 
 @register_model("resnet50_dnw")
 def resnet50_dnw(**kw) -> SparseResNet:
     """ResNet-50 trained sparse by DNW (Table 4); k = fraction of weights kept per layer."""
-    return SparseResNet(**{"layers": [3, 4, 6, 3], "mode": "dnw", "k": 0.1, **kw})
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "wiring": "dnw", "k": 0.1, **kw})
 
 
 @register_model("resnet50_popup")
 def resnet50_popup(**kw) -> SparseResNet:
     """A subnetwork of a randomly weighted ResNet-50 (edge-popup Figure 8, k = 30%)."""
-    return SparseResNet(**{"layers": [3, 4, 6, 3], "mode": "popup", "k": 0.3, **kw})
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "wiring": "popup", "k": 0.3, **kw})
 
 
 @register_model("resnet101_popup")
 def resnet101_popup(**kw) -> SparseResNet:
-    return SparseResNet(**{"layers": [3, 4, 23, 3], "mode": "popup", "k": 0.3, **kw})
+    return SparseResNet(**{"layers": [3, 4, 23, 3], "wiring": "popup", "k": 0.3, **kw})
 
 
 @register_model("wide_resnet50_popup")
 def wide_resnet50_popup(**kw) -> SparseResNet:
     """Wide ResNet-50-2: the randomly weighted network whose subnetwork matches ResNet-34."""
     return SparseResNet(
-        **{"layers": [3, 4, 6, 3], "width_per_group": 128, "mode": "popup", "k": 0.3, **kw}
+        **{"layers": [3, 4, 6, 3], "width_per_group": 128, "wiring": "popup", "k": 0.3, **kw}
     )

@@ -136,3 +136,52 @@ def popup_mask(scores: torch.Tensor, count: int, groups=None) -> torch.Tensor:
     if exporting():  # tracers record no Python autograd op; the forward is just the mask
         return _PopupStraightThrough.forward(None, scores.abs(), count, groups)
     return _PopupStraightThrough.apply(scores.abs(), count, groups)
+
+
+# ---------------------------------------------------------------------------- supermask
+# Zhou et al. 2019, as edge-popup §2 and §3.1 describe it: every weight has a score s, the
+# probability of keeping it is p = sigmoid(s), and each forward pass in training uses a fresh
+# mask m ~ Bernoulli(p); the gradient goes straight through the sample to p (then through the
+# sigmoid to s), as in the authors' ``StraightThroughBinomialSample``. No k: the expected
+# fraction kept is mean(p), which the optimisation decides (§4.6: "no explicit choice").
+#
+# Evaluation: neither the edge-popup paper nor the authors' code (which samples in evaluation
+# too, so every evaluation sees another network) fixes a deterministic rule. rwdet evaluates
+# the most probable mask, ``p > 0.5`` (``"threshold"``, the default): it is reproducible, it is
+# a binary subnetwork (so it can be counted and exported like a popup one), and it is the mask
+# the training distribution concentrates on as p saturates. ``"expected"`` (``w * p``, not a
+# subnetwork) and ``"sample"`` (the authors' stochastic evaluation) remain selectable.
+SUPERMASK_EVAL = ("threshold", "expected", "sample")
+
+
+class _BernoulliStraightThrough(torch.autograd.Function):
+    """forward: a 0/1 sample with P(1) = its input; backward: identity (straight through)."""
+
+    @staticmethod
+    def forward(ctx, prob):
+        return torch.bernoulli(prob)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def check_supermask_eval(eval_mask: str) -> None:
+    if eval_mask not in SUPERMASK_EVAL:
+        raise ValueError(
+            f"eval_mask={eval_mask!r} is not known; choose one of {list(SUPERMASK_EVAL)}"
+        )
+
+
+def supermask_mask(scores: torch.Tensor, training: bool, eval_mask: str = "threshold"):
+    """Zhou et al.'s mask from ``scores`` (see above): a straight-through Bernoulli(sigmoid)
+    sample in training, ``eval_mask``'s deterministic (or sampled) mask otherwise."""
+    check_supermask_eval(eval_mask)
+    if training or eval_mask == "sample":
+        prob = torch.sigmoid(scores)
+        if exporting():
+            return torch.bernoulli(prob)
+        return _BernoulliStraightThrough.apply(prob)
+    if eval_mask == "expected":
+        return torch.sigmoid(scores)
+    return (scores > 0).to(scores.dtype)  # sigmoid(s) > 0.5  <=>  s > 0

@@ -2,9 +2,9 @@
 
 ``export_subnetwork(model)`` returns a copy in which
 
-- every ``PopupConv2d``/``DNWConv2d`` (``PopupLinear``/``DNWLinear``) is a plain ``nn.Conv2d``
-  (``nn.Linear``) holding ``weight * mask``: unkept weights are zeros, nothing is chosen any
-  more and no score remains;
+- every ``PopupConv2d``/``DNWConv2d``/``SupermaskConv2d`` (and their linear layers) is a plain
+  ``nn.Conv2d`` (``nn.Linear``) holding ``weight * mask`` (a supermask's evaluation mask):
+  unkept weights are zeros, nothing is chosen any more and no score remains;
 - every ``GraphStage`` with learned gates is rebuilt from its real edges: dead nodes (no real
   path to the stage output) and their edges are removed, the gates become ``FixedGates``
   holding the learned gate values, and nodes are renumbered in the same order;
@@ -30,7 +30,14 @@ from torch import nn
 
 from rwdet.graphs import GraphSpec
 from rwdet.nn.learned_gates import LEARNED_GATES, FixedGates
-from rwdet.nn.sparse_layers import DNWConv2d, DNWLinear, PopupConv2d, PopupLinear
+from rwdet.nn.sparse_layers import (
+    DNWConv2d,
+    DNWLinear,
+    PopupConv2d,
+    PopupLinear,
+    SupermaskConv2d,
+    SupermaskLinear,
+)
 from rwdet.nn.stage import GraphStage
 
 
@@ -150,9 +157,17 @@ def export_subnetwork(model: nn.Module) -> nn.Module:
     )
 
     def plain(m):
-        if isinstance(m, (PopupConv2d, DNWConv2d)):
+        if isinstance(m, (SupermaskConv2d, SupermaskLinear)):
+            if m.eval_mask == "sample":
+                raise ValueError(
+                    "a supermask layer with eval_mask='sample' draws a new network on every "
+                    "evaluation, so there is no one subnetwork to export; build it with "
+                    "eval_mask='threshold' (or 'expected')"
+                )
+            m.eval()  # the evaluation mask, never a training sample
+        if isinstance(m, (PopupConv2d, DNWConv2d, SupermaskConv2d)):
             return _plain_conv(m)
-        if isinstance(m, (PopupLinear, DNWLinear)):
+        if isinstance(m, (PopupLinear, DNWLinear, SupermaskLinear)):
             return _plain_linear(m)
         return None
 

@@ -9,17 +9,16 @@
 - ``nonaffine_batchnorm``: BatchNorm with running statistics only (edge-popup never tunes the
   BN affine parameters; with ``affine=False`` there are none to tune).
 
-``k`` is always the fraction of weights **kept**.
+- ``SupermaskConv2d`` / ``SupermaskLinear`` (Zhou et al. 2019, the baseline of edge-popup §4.4):
+  the same fixed weights, a score per weight, a fresh Bernoulli(sigmoid(score)) mask on every
+  training forward pass and a deterministic mask in evaluation (``rwdet.nn.choose``).
 
-Fixed-weight initialisations (edge-popup §4.1, §4.5), ``fan_in`` mode with ReLU gain, so
-``std = sqrt(2 / fan_in)``:
+``k`` is always the fraction of weights **kept** (a supermask learns its own; there ``k`` only
+sizes the "scaled" initialisation).
 
-- ``"kaiming_normal"``: ``N(0, std^2)``.
-- ``"signed_constant"``: ``+-std`` with a random sign (same variance as kaiming normal).
-- ``scale=True`` ("Scaled" in §4.5): the subnetwork keeps ``k`` of each unit's inputs, so the
-  forward variance matches kaiming when the fan-in is taken as ``k * fan_in``: ``std /= sqrt(k)``.
-  (The extracted paper text reads "scale standard deviation by 1/k"; the variance argument it
-  gives, and the authors' code, divide the fan-in by k, i.e. the std by sqrt(k).)
+The fixed weights are drawn from one of ``rwdet.nn.inits.FIXED_INITS`` (N_k, U_k, N_x, U_x,
+kaiming uniform), optionally "scaled" by the fraction kept ``k``; ``rwdet.nn.inits`` states the
+formulas and how they relate to the authors' ``prune_rate``.
 """
 
 from __future__ import annotations
@@ -30,43 +29,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwdet.nn.choose import dnw_weight, kept_count, popup_mask, topk_mask
+from rwdet.nn.choose import (
+    check_supermask_eval,
+    dnw_weight,
+    kept_count,
+    popup_mask,
+    supermask_mask,
+    topk_mask,
+)
+from rwdet.nn.inits import FIXED_INITS, check_init, init_fixed_weight_, sample_
 
-POPUP_INITS = ("kaiming_normal", "signed_constant")
+POPUP_INITS = FIXED_INITS  # the name other modules import
 
 
-def fixed_init_std(fan_in: int, k: float, scale: bool, gain: float = math.sqrt(2.0)) -> float:
-    """The std of edge-popup's fixed weights for a unit with ``fan_in`` inputs."""
-    return gain / math.sqrt(fan_in * (k if scale else 1.0))
-
-
-@torch.no_grad()
 def init_fixed_(weight: torch.Tensor, std: float, init: str) -> torch.Tensor:
-    if init == "kaiming_normal":
-        return weight.normal_(0.0, std)
-    if init == "signed_constant":
-        return weight.bernoulli_(0.5).mul_(2.0).sub_(1.0).mul_(std)
-    raise ValueError(f"init={init!r} is not known; choose one of {list(POPUP_INITS)}")
+    """Fill ``weight`` with ``init``'s shape (normal, signed constant, uniform) at ``std``."""
+    return sample_(weight, std, init)
 
 
-def _check_init(init: str) -> None:
-    if init not in POPUP_INITS:
-        raise ValueError(f"init={init!r} is not known; choose one of {list(POPUP_INITS)}")
+_check_init = check_init
+
+
+def _init_scores(weight: torch.Tensor) -> nn.Parameter:
+    # The authors' choice for both edge-popup and supermask scores: kaiming-uniform with
+    # a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)). For popup only the order matters;
+    # for a supermask it starts every p = sigmoid(score) near 0.5.
+    bound = 1.0 / math.sqrt(weight[0].numel())
+    return nn.Parameter(torch.empty_like(weight).uniform_(-bound, bound))
 
 
 class _PopupMixin:
     """Shared by the popup layers: a fixed ``weight`` and a learnable ``scores`` of its shape."""
 
-    def _setup_popup(self, k: float, init: str, scale: bool, fan_in: int) -> None:
-        _check_init(init)
+    def _setup_popup(self, k: float, init: str, scale: bool) -> None:
+        check_init(init)
         self.k, self.init, self.scale = float(k), init, bool(scale)
         self.count = kept_count(k, self.weight.numel())
-        init_fixed_(self.weight, fixed_init_std(fan_in, self.k, self.scale), init)
+        init_fixed_weight_(self.weight, init, self.k, self.scale)
         self.weight.requires_grad_(False)
-        # Scores: any scale works (only their order matters); the authors' choice is
-        # kaiming-uniform, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        bound = 1.0 / math.sqrt(fan_in)
-        self.scores = nn.Parameter(torch.empty_like(self.weight).uniform_(-bound, bound))
+        self.scores = _init_scores(self.weight)
 
     def kept_mask(self) -> torch.Tensor:
         """Boolean mask of the weights in the subnetwork now."""
@@ -87,8 +88,7 @@ class PopupConv2d(_PopupMixin, nn.Conv2d):
             raise ValueError("PopupConv2d has no learned bias in edge-popup; pass bias=False")
         kwargs["bias"] = False
         super().__init__(*args, **kwargs)
-        fan_in = self.weight[0].numel()  # in_channels / groups * kernel area
-        self._setup_popup(k, init, scale, fan_in)
+        self._setup_popup(k, init, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), None)
@@ -116,7 +116,7 @@ class PopupLinear(_PopupMixin, nn.Module):
             raise ValueError("PopupLinear has no learned bias in edge-popup; pass bias=False")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self._setup_popup(k, init, scale, in_features)
+        self._setup_popup(k, init, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight())
@@ -125,6 +125,94 @@ class PopupLinear(_PopupMixin, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"k={self.k}, init={self.init}, scale={self.scale}"
+        )
+
+
+class _SupermaskMixin:
+    """Shared by the supermask layers: a fixed ``weight`` and a learnable ``scores``; the mask
+    is ``rwdet.nn.choose.supermask_mask`` (sampled in training, deterministic in eval).
+
+    Layer keywords:
+        init, scale: the fixed weights' distribution (``rwdet.nn.inits``).
+        k: only sizes the "scaled" distribution (the fraction kept is learned, not chosen;
+            0.5 is where the score initialisation starts every p).
+        eval_mask: the evaluation mask, "threshold" (p > 0.5), "expected" or "sample"
+            (``rwdet.nn.choose``).
+    """
+
+    def _setup_supermask(self, init: str, scale: bool, k: float, eval_mask: str) -> None:
+        check_init(init)
+        check_supermask_eval(eval_mask)
+        kept_count(k, 1)  # validates k
+        self.init, self.scale, self.k, self.eval_mask = init, bool(scale), float(k), eval_mask
+        init_fixed_weight_(self.weight, init, self.k, self.scale)
+        self.weight.requires_grad_(False)
+        self.scores = _init_scores(self.weight)
+
+    def kept_mask(self) -> torch.Tensor:
+        """Boolean mask of the weights the evaluation network uses (all of them for
+        ``eval_mask="expected"``, which scales rather than removes weights)."""
+        with torch.no_grad():
+            if self.eval_mask == "expected":
+                return torch.ones_like(self.scores, dtype=torch.bool)
+            return self.scores > 0
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * supermask_mask(self.scores, self.training, self.eval_mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, init={self.init}, scale={self.scale}, k={self.k}, "
+            f"eval_mask={self.eval_mask}"
+        )
+
+
+class SupermaskConv2d(_SupermaskMixin, nn.Conv2d):
+    """``nn.Conv2d`` with fixed random weights and a learned Bernoulli mask (Zhou et al.);
+    keywords as ``_SupermaskMixin`` lists them."""
+
+    def __init__(
+        self, *args, init="signed_constant", scale=False, k=0.5, eval_mask="threshold", **kw
+    ):
+        if kw.get("bias", False):
+            raise ValueError("SupermaskConv2d has no learned bias; pass bias=False")
+        kw["bias"] = False
+        super().__init__(*args, **kw)
+        self._setup_supermask(init, scale, k, eval_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(), None)
+
+
+class SupermaskLinear(_SupermaskMixin, nn.Module):
+    """A fully-connected layer with fixed random weights and a learned Bernoulli mask; not an
+    ``nn.Linear`` subclass, for the reason ``PopupLinear`` gives."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        init: str = "signed_constant",
+        scale: bool = False,
+        k: float = 0.5,
+        eval_mask: str = "threshold",
+    ):
+        super().__init__()
+        if bias:
+            raise ValueError("SupermaskLinear has no learned bias; pass bias=False")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self._setup_supermask(init, scale, k, eval_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"init={self.init}, scale={self.scale}, k={self.k}, eval_mask={self.eval_mask}"
         )
 
 
@@ -173,3 +261,6 @@ def nonaffine_batchnorm(num_features: int) -> nn.BatchNorm2d:
 
 
 SPARSE_LAYERS = (PopupConv2d, PopupLinear, DNWConv2d, DNWLinear)
+SUPERMASK_LAYERS = (SupermaskConv2d, SupermaskLinear)
+# Layers whose fixed weights never train and whose ``kept_mask()`` is the subnetwork.
+MASKED_LAYERS = (*SPARSE_LAYERS, *SUPERMASK_LAYERS)

@@ -439,6 +439,14 @@ def resolve(
     if not config_file and data_root is None:
         cfg = merge(cfg, FASHION_MNIST_PROFILE)
     cfg = merge(cfg, recipe)
+    # Another model (--model, or a model.name= override) drops the recipe's (or the embedded
+    # demo's) model keywords: RandWire's generator, width and stem mean nothing to Conv4.
+    name = (flags.get("model") or {}).get("name")
+    for item in overrides or []:
+        if item.split("=", 1)[0].strip() == "model.name":
+            name = parse_override(item)["model"]["name"]
+    if name is not None and name != cfg["model"]["name"]:
+        cfg["model"] = copy.deepcopy(DEFAULTS["model"])
     # Another generator (--gen, or a model.gen= override, the last one winning) drops the
     # recipe's parameters; the command line's own (--k/--p/--m, model.gen_params.*) stay.
     gen = (flags.get("model") or {}).get("gen")

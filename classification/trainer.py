@@ -55,7 +55,7 @@ from classification.schedule import CosineWarmup, scaled_lr
 from rwdet.atomic import atomic_write
 from rwdet.checkpoint_io import model_record
 from rwdet.graphs import graphs_fingerprint
-from rwdet.models import build_model, get_graphs
+from rwdet.models import build_model, get_graphs, model_capabilities
 from rwdet.models.artifact import ModelFile, load_weights, read_model_file
 from rwdet.models.verify import verify_graphs
 from rwdet.run import allocator
@@ -82,6 +82,15 @@ def model_spec(cfg: dict, num_classes: int, in_channels: int) -> dict:
     kwargs["num_classes"] = num_classes
     if in_channels != 3:
         kwargs["in_channels"] = in_channels
+    size_key = model_capabilities(m["name"]).input_size
+    if size_key and size_key not in kwargs:  # e.g. Conv2-Conv8's FC is sized for the input
+        if cfg["data"]["train_size"] != cfg["data"]["test_size"]:
+            raise UserError(
+                f"model {m['name']!r} is built for one input size, but data.train_size="
+                f"{cfg['data']['train_size']} and data.test_size={cfg['data']['test_size']} "
+                "differ; set both to the same size"
+            )
+        kwargs[size_key] = cfg["data"]["train_size"]
     return {"name": m["name"], "kwargs": kwargs}
 
 

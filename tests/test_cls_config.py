@@ -244,3 +244,21 @@ def test_missing_config_file_lists_recipes(tmp_path, monkeypatch):
 def test_resolved_config_round_trips_through_yaml():
     cfg = cli("--gen", "ba", "--m", "4")
     assert yaml.safe_load(C.to_yaml(cfg)) == cfg
+
+
+def test_another_model_drops_the_demo_models_keywords():
+    """--model conv4 on the embedded data: RandWire's generator, width, nodes and stem from the
+    Fashion-MNIST profile are not passed to Conv4; the input side is (its FC depends on it)."""
+    from classification.trainer import model_spec
+
+    cfg = cli("--model", "conv4", "--wiring", "popup", "model.kwargs.k=0.3")
+    assert cfg["model"]["gen"] is None and cfg["model"]["channels"] is None
+    assert cfg["model"]["kwargs"] == {"k": 0.3}
+    spec = model_spec(cfg, num_classes=10, in_channels=1)
+    assert spec["kwargs"] == {"wiring": "popup", "k": 0.3, "num_classes": 10, "in_channels": 1,
+                              "input_size": 28}  # fmt: skip
+    assert cli("model.name=conv6")["model"]["kwargs"] == {}
+    assert cli("--model", "randwire_small")["model"]["channels"] == 16  # same model: kept
+    odd = cli("--model", "conv2", "--data", "/d", "--test-size", "40", "data.train_size=32")
+    with pytest.raises(UserError, match="built for one input size"):
+        model_spec(odd, num_classes=10, in_channels=3)

@@ -185,4 +185,4 @@ def _factory(name: str):
 
 
 for _name in TABLE1:
-    register_model(_name)(_factory(_name))
+    register_model(_name, input_size="input_size")(_factory(_name))

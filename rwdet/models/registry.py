@@ -38,12 +38,16 @@ class ModelCapabilities:
     in_chans: the constructor keyword that ``in_chans`` stands for.
     drop_rate: the constructor keyword that ``drop_rate`` (classifier dropout) stands for;
         None when the model has no classifier dropout (``drop_rate`` is then refused).
+    input_size: the constructor keyword of a model whose layers depend on the input side
+        (edge-popup's Conv2-Conv8 size their FC from it); trainers pass the image size there.
+        None: the model takes any input size.
     """
 
     features: bool = True
     norm_layer: bool = False
     in_chans: str = "in_channels"
     drop_rate: str | None = "dropout"
+    input_size: str | None = None
 
 
 _CAPABILITIES: dict[str, ModelCapabilities] = {}

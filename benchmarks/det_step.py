@@ -12,6 +12,7 @@ models alternate round by round, each number is the median over rounds.
   python benchmarks/det_step.py                                  # CPU, batch 2 at 512x640
   python benchmarks/det_step.py --device cuda --amp bf16 --json det.json
   python benchmarks/det_step.py --models r50_fpn randwire_c109 --rounds 3 --iters 5
+  python benchmarks/det_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 
 Models: r50_fpn (configs/frcnn_r50_baseline.yaml, the baseline), r101_fpn (the same with
 MODEL.RESNETS.DEPTH 101), randwire_c109, randwire_c154 (configs/frcnn_randwire_c*.yaml), or
@@ -159,7 +160,10 @@ def run_worker(name: str, args) -> dict:
     cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads), "--lr", str(args.lr)]
     if args.opts:
         cmd += ["--opts", *args.opts]
-    return run_json_worker(cmd, name, timeout=args.timeout or None)
+    env = dict(os.environ)
+    if args.preload:
+        env["LD_PRELOAD"] = args.preload
+    return run_json_worker(cmd, name, env=env, timeout=args.timeout or None)
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
@@ -182,6 +186,7 @@ def environment(args) -> dict:
         "amp": args.amp,
         "lr": args.lr,
         "opts": args.opts,
+        "preload": args.preload or None,
         "baseline": BASELINE,
     }
 
@@ -225,6 +230,7 @@ def main(argv=None):
     )
     p.add_argument("--timeout", type=float, default=0, help="seconds per worker (0: none)")
     p.add_argument("--opts", nargs="+", default=[], help="config KEY VALUE pairs, every model")
+    p.add_argument("--preload", default="", help="allocator library LD_PRELOADed into each model")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

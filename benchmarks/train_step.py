@@ -11,7 +11,18 @@ over rounds. Ratios are taken against torchvision ResNet-50 measured in the same
   python benchmarks/train_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 
 Model specs: ``name[:wiring][+option...]`` with options ``unfused`` (the node-by-node reference
-path, ``fused=False``) and ``recompute`` (per-node checkpointing, implies ``unfused``).
+path, ``fused=False``), ``recompute`` (per-node checkpointing, implies ``unfused``) and ``fold``
+(inference runs on ``rwdet.nn.fuse_for_inference(model)``: BN folded into the convs, gates
+precomputed; it works on the torchvision baselines too, whose eval mode keeps BN as a separate
+op, so ``resnet50+fold`` is the fair baseline for a folded model).
+
+``--inference`` measures inference img/s only, every model in this one process (built once,
+then models alternate forward by forward within each round), and prints each model's ratio to
+ResNet-50 with the same ``fold`` option per round: their median and range. A busy machine slows
+rounds unevenly, so ratios taken within one round are the numbers to read.
+
+  python benchmarks/train_step.py --inference --models resnet50+fold randwire_c109+fold \
+      resnet50 randwire_c109 --rounds 5 --iters 3
 CPU peak RSS includes what the C allocator keeps: ``--preload`` runs every model under the same
 other allocator (e.g. tcmalloc, as PyTorch's CPU tuning guide suggests).
 """
@@ -51,6 +62,10 @@ def build(spec: str, overrides: dict):
     from rwdet.models import build_model, list_models
 
     spec, *options = spec.split("+")
+    for opt in options:
+        if opt not in ("unfused", "recompute", "fold"):
+            raise ValueError(f"model option +{opt} is not known; use +unfused, +recompute, +fold")
+    options = [opt for opt in options if opt != "fold"]  # applied to the eval model (folded)
     name, _, wiring = spec.partition(":")
     if name in ("resnet50", "mobilenet_v2"):
         return getattr(torchvision.models, name)()
@@ -58,8 +73,6 @@ def build(spec: str, overrides: dict):
         return None
     kwargs = dict(overrides)
     for opt in options:
-        if opt not in ("unfused", "recompute"):
-            raise ValueError(f"model option +{opt} is not known; use +unfused or +recompute")
         kwargs["fused"] = False
         kwargs["recompute"] = kwargs.get("recompute", False) or opt == "recompute"
     if wiring:
@@ -111,7 +124,7 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - t)
     peak = peak_bytes(dev)
     choice = choice_seconds(model, args.iters, sync)
-    model.eval()
+    model = for_inference(model, args.worker)
     infer = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         for _ in range(max(2, args.iters // 2)):
@@ -128,6 +141,80 @@ def worker(args) -> dict:
         "train_img_s": args.batch / step_s,
         **({} if choice is None else {"choice_s": choice, "choice_share": choice / step_s}),
     }
+
+
+def folded(spec: str) -> bool:
+    return "fold" in spec.split("+")[1:]
+
+
+def for_inference(model, spec: str):
+    """``model`` in eval mode, folded by ``fuse_for_inference`` for a ``+fold`` spec."""
+    model.eval()
+    if not folded(spec):
+        return model
+    from rwdet.nn import fuse_for_inference
+
+    return fuse_for_inference(model)
+
+
+def inference_baseline(spec: str) -> str:
+    """The ResNet-50 spec a model's inference is compared with: same ``fold`` option."""
+    return BASELINE + ("+fold" if folded(spec) else "")
+
+
+def inference_run(args) -> dict:
+    """Every model in this process; per round, each model's median forward time over
+    ``iters`` (after ``warmup``) with models alternating, and its img/s ratio to its
+    ``inference_baseline`` in the same round."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    dev = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    overrides = json.loads(args.overrides)
+    models = {}
+    for spec in args.models:
+        model = build(spec, overrides)
+        if model is not None:
+            models[spec] = for_inference(model.to(dev).to(memory_format=fmt), spec)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).to(memory_format=fmt)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def forward(model) -> float:
+        t = time.perf_counter()
+        model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    rounds = []
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+        for r in range(args.rounds):
+            times: dict[str, list[float]] = {spec: [] for spec in models}
+            for i in range(args.warmup * (r == 0) + args.iters):
+                for spec, model in models.items():
+                    t = forward(model)
+                    if i >= args.warmup * (r == 0):
+                        times[spec].append(t)
+            img_s = {spec: args.batch / statistics.median(ts) for spec, ts in times.items()}
+            rounds.append(img_s)
+            line = ", ".join(f"{k} {v:.2f} img/s" for k, v in img_s.items())
+            print(f"round {r + 1}/{args.rounds}: {line}", file=sys.stderr)
+    rows = []
+    for spec in args.models:
+        if spec not in models:
+            rows.append({"model": spec, "note": "not registered"})
+            continue
+        row = {"model": spec, "rounds": len(rounds)}
+        row["infer_img_s"] = statistics.median(r[spec] for r in rounds)
+        base = inference_baseline(spec)
+        if base in models:
+            ratios = [r[spec] / r[base] for r in rounds]
+            row.update(baseline=base, infer_ratio=statistics.median(ratios))
+            row.update(infer_ratio_min=min(ratios), infer_ratio_max=max(ratios))
+        rows.append(row)
+    return {"rows": rows, "rounds": rounds}
 
 
 def choice_seconds(model, iters: int, sync) -> float | None:
@@ -185,7 +272,25 @@ def environment(args) -> dict:
         "amp": args.amp,
         "channels_last": args.channels_last,
         "preload": args.preload or None,
+        "mode": "inference" if args.inference else "train_step",
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "warmup": args.warmup,
     }
+
+
+def inference_table(rows: list[dict]) -> str:
+    lines = [f"{'model':<24}{'infer img/s':>13}{'x base':>8}{'range':>14}  base"]
+    for row in rows:
+        if "infer_img_s" not in row:
+            lines.append(f"{row['model']:<24}  {row['note']}")
+            continue
+        line = f"{row['model']:<24}{row['infer_img_s']:>13.2f}"
+        if "infer_ratio" in row:
+            spread = f"{row['infer_ratio_min']:.2f}-{row['infer_ratio_max']:.2f}"
+            line += f"{row['infer_ratio']:>8.2f}{spread:>14}  {row['baseline']}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -202,11 +307,26 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--overrides", default="{}", help="JSON kwargs for rwdet models")
     p.add_argument("--preload", default="", help="allocator library LD_PRELOADed into each model")
+    p.add_argument("--inference", action="store_true", help="inference img/s only, all "
+                   "models in one process, alternating (ratios per round)")  # fmt: skip
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.inference:
+        result = inference_run(args)
+        print(
+            f"inference, batch {args.batch} at {args.size}px, {args.device}, amp {args.amp}, "
+            f"{'channels_last' if args.channels_last else 'NCHW'}; ratios to ResNet-50 with "
+            f"the same fold option, median and range over {args.rounds} rounds"
+        )
+        print(inference_table(result["rows"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": environment(args), "results": result["rows"],
+                           "rounds": result["rounds"]}, f, indent=1)  # fmt: skip
         return
     results: dict[str, list[dict]] = {m: [] for m in args.models}
     for r in range(args.rounds):

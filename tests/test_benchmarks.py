@@ -41,6 +41,57 @@ def test_train_step_benchmark_tiny(tmp_path):
     assert data["environment"]["batch"] == 2
 
 
+@pytest.mark.slow
+def test_inference_mode_alternates_in_one_process_with_per_round_ratios(tmp_path):
+    out = tmp_path / "infer.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--inference"]
+        + ["--models", "resnet50+fold", "randwire_small+fold", "resnet50", "randwire_small"]
+        + ["nonexistent_model", "--batch", "2", "--size", "32", "--iters", "1"]
+        + ["--warmup", "0", "--rounds", "2", "--overrides", '{"channels": 8, "nodes": 8}']
+        + ["--json", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    data = json.loads(out.read_text())
+    rows = {r["model"]: r for r in data["results"]}
+    rounds = data["rounds"]
+    assert len(rounds) == 2 and data["environment"]["mode"] == "inference"
+    # A folded model is compared with the folded ResNet-50, an unfolded one with the plain one,
+    # each within the same round.
+    for name, base in (("randwire_small+fold", "resnet50+fold"), ("randwire_small", "resnet50")):
+        row = rows[name]
+        assert row["baseline"] == base
+        ratios = sorted(r[name] / r[base] for r in rounds)
+        assert row["infer_ratio_min"] == pytest.approx(ratios[0])
+        assert row["infer_ratio_max"] == pytest.approx(ratios[-1])
+        assert row["infer_ratio"] == pytest.approx(sum(ratios) / 2)
+    assert rows["resnet50+fold"]["infer_ratio"] == 1.0
+    assert "not registered" in rows["nonexistent_model"]["note"]
+    assert "randwire_small+fold" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fold_option_folds_only_the_inference_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_step", os.path.join(ROOT, "benchmarks", "train_step.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.build("randwire_small+fold", {"channels": 8, "nodes": 8})
+    assert any(type(m).__name__ == "BatchNorm2d" for m in model.modules())
+    folded = bench.for_inference(model, "randwire_small+fold")
+    assert not folded.training
+    assert not any(type(m).__name__ == "BatchNorm2d" for m in folded.modules())
+    assert bench.for_inference(model, "randwire_small") is model
+    assert bench.inference_baseline("randwire_c109+fold") == "resnet50+fold"
+    with pytest.raises(ValueError, match=r"\+fuse"):
+        bench.build("randwire_small+fuse", {})
+
+
 def test_edge_choice_counts_learned_wirings_only():
     import importlib.util
 

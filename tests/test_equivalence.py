@@ -285,3 +285,103 @@ def test_weighted_sum_matches_naive_and_gradcheck():
     # channels_last inputs take the dot-product path without copies and agree too.
     zc = [z.detach().to(memory_format=torch.channels_last).requires_grad_() for z in zs]
     assert torch.autograd.gradcheck(lambda w, *z: weighted_sum(w, list(z)), (w, *zc))
+
+
+# ---------------------------------------------------------------- FrozenBN (the detectors' norm)
+
+
+def _frozen_pair(gen="ws", params=None, requires_grad=True):
+    """(reference, fused) stages whose nodes end in detectron2's FrozenBatchNorm2d with
+    statistics and affine away from the identity."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    spec = GraphSpec.generate(gen, 10, 3, **(params or {"k": 4, "p": 0.75}))
+    ref = GraphStage(spec, 3, 6, stride=2, fused=False, norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():
+        ref.gates.weight.normal_()
+        for m in ref.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_()
+                m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
+    ref.requires_grad_(requires_grad)
+    opt = copy.deepcopy(ref)
+    opt.fused = True
+    return ref, opt
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("gen,params", GRAPHS)
+def test_frozen_bn_stage_runs_fused_and_matches_reference(gen, params, layout):
+    ref, opt = _frozen_pair(gen, params)
+    x = torch.randn(4, 3, 12, 12)
+    if layout == "channels_last":
+        ref.to(memory_format=torch.channels_last), opt.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    for _ in range(2):
+        y = _assert_same_training_step(ref, opt, x)
+    assert fused_node(y) is not None
+
+
+def test_frozen_bn_fused_keeps_one_tensor_per_node_and_backward_twice():
+    ref, opt = _frozen_pair()
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
+    y = opt(x)
+    keep = fused_node(y).keep
+    assert len(keep) == opt.spec.n and all(c.shape == (4, 6, 8, 8) for c in keep)
+    xa = x.detach().clone().requires_grad_()
+    ya, yb = ref(xa).square().sum(), y.square().sum()
+    for retain in (True, False):  # the second backward rebuilds C from the stage input
+        ya.backward(retain_graph=retain)
+        yb.backward(retain_graph=retain)
+    _close(xa.grad, x.grad)
+    for (name, pa), (_, pb) in zip(ref.named_parameters(), opt.named_parameters()):
+        _close(pa.grad, pb.grad, msg=name)
+
+
+def test_frozen_stage_without_gradients_runs_node_by_node():
+    """FREEZE_AT's frozen stages: nothing needs a gradient, nothing is saved, no fused op."""
+    ref, opt = _frozen_pair(requires_grad=False)
+    x = torch.randn(2, 3, 8, 8)
+    y = opt(x)
+    assert y.grad_fn is None and fused_node(y) is None
+    torch.testing.assert_close(y, ref(x))
+
+
+def test_frozen_bn_model_matches_reference():
+    """A RandWire built as the detection backbone builds it (``norm_layer`` FrozenBN)."""
+    from detectron2.layers import get_norm
+
+    kw = {"channels": 8, "nodes": 10, "stem": "small", "head_channels": 16}
+    kw["norm_layer"] = lambda c: get_norm("FrozenBN", c)
+    torch.manual_seed(0)
+    ref = build_model("randwire_c109", fused=False, **kw)
+    opt = build_model("randwire_c109", **kw)
+    opt.load_state_dict(ref.state_dict())
+    _assert_same_model_step(ref, opt)
+    opt.train()
+    assert fused_node(opt.conv3(torch.randn(2, 8, 8, 8))) is not None
+
+
+def test_frozen_bn_fused_under_bf16_autocast_as_accurate_as_reference():
+    ref, opt = _frozen_pair()
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(4, 3, 12, 12)
+    xa, xb, xc = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = ref(xa), opt(xb)
+    assert ya.dtype == yb.dtype == torch.bfloat16 and fused_node(yb) is not None
+    xc.requires_grad_()
+    yc = exact(xc)
+    g = torch.randn_like(yc)
+    ya.backward(g.to(ya.dtype)), yb.backward(g.to(yb.dtype)), yc.backward(g)
+
+    def err(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert err(yb, yc) <= 1.05 * err(ya, yc) + 1e-3
+    assert err(xb.grad, xc.grad) <= 1.1 * err(xa.grad, xc.grad) + 1e-3
+    for (name, pa), (_, pb), (_, pc) in zip(
+        ref.named_parameters(), opt.named_parameters(), exact.named_parameters()
+    ):
+        assert err(pb.grad, pc.grad) <= 1.25 * err(pa.grad, pc.grad) + 1e-2, name

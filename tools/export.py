@@ -12,6 +12,9 @@ MODEL_OR_CHECKPOINT is a registered model name (random weights; ``--model-kwargs
 is first frozen into the subnetwork it found (``rwdet.nn.export.export_subnetwork``: fixed dense
 layers and fixed gates), then traced in eval mode; the aggregation and the DNW/popup ops take
 their plain tensor-math path under tracing and ONNX export (``rwdet.nn.aggregate.exporting``).
+Before tracing, every BatchNorm (or FrozenBN) that follows a conv is folded into it and the
+aggregation weights' sigmoid is precomputed (``rwdet.nn.fuse_for_inference``); ``--no-fuse``
+exports the unfused graph. Either way the check compares with the unfused eager model.
 
 The check: the exported model (reloaded from its bytes: ``torch.jit.load``, or ONNX's reference
 evaluator ``onnx.reference``) and the eager model run one real image (``--image``, by default a
@@ -69,6 +72,8 @@ def parse_args(argv):
     p.add_argument("--model-kwargs", default=None, help="JSON build_model keyword arguments "
                    "for a registered name, e.g. '{\"channels\": 8}'")  # fmt: skip
     p.add_argument("--config-file", default=None, help="Detectron2 config: export the detector")
+    p.add_argument("--no-fuse", action="store_true", help="export without folding BatchNorm "
+                   "into the convs (rwdet.nn.fuse_for_inference)")  # fmt: skip
     args = p.parse_intermixed_args(argv)
     if args.config_file is not None:
         args.opts, args.model = args.model, None
@@ -308,14 +313,15 @@ def onnx_bytes(model, inputs, tracing_exporter: bool = False) -> tuple[bytes, ob
 
 
 def export_checked(
-    model, inputs, fmt: str, out: str, detector: bool = False
+    model, inputs, fmt: str, out: str, detector: bool = False, reference=None
 ) -> tuple[float, float, int]:
-    """Export ``model`` (eval mode, CPU) on ``inputs``, check it against eager, then write
-    ``out`` atomically; returns ``compare``'s numbers."""
+    """Export ``model`` (eval mode, CPU) on ``inputs``, check it against eager ``reference``
+    (default: ``model`` itself; the unfused model when ``model`` is fused), then write ``out``
+    atomically; returns ``compare``'s numbers."""
     from rwdet.atomic import atomic_write
 
     with torch.no_grad():
-        eager = model(*inputs)
+        eager = (model if reference is None else reference)(*inputs)
     if fmt == "torchscript":
         data, got = torchscript_bytes(model, inputs)
     else:
@@ -377,9 +383,14 @@ def main(argv) -> int:
                               info["data"])  # fmt: skip
         inputs = (x,)
         what = args.model
+    eager = model
+    if not args.no_fuse:
+        from rwdet.nn import fuse_for_inference
+
+        model = fuse_for_inference(model.eval())
     try:
         diff, scale, count = export_checked(
-            model, inputs, args.format, args.out, detector=args.config_file is not None
+            model, inputs, args.format, args.out, args.config_file is not None, eager
         )
     except ExportCheckError as e:
         print(f"{PROG}: export check failed: {e}", file=sys.stderr, flush=True)

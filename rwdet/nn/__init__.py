@@ -1,6 +1,7 @@
 """Layers and the graph-to-module builder shared by every rwdet model."""
 
 from rwdet.nn import learned_gates  # noqa: F401  (registers the wirings "dnw" and "popup")
+from rwdet.nn.fuse import fuse_for_inference
 from rwdet.nn.gates import EdgeGates, StaticGates
 from rwdet.nn.node_ops import NODE_OPS, build_node_op
 from rwdet.nn.stage import GraphStage
@@ -14,6 +15,7 @@ __all__ = [
     "StaticGates",
     "Wiring",
     "build_node_op",
+    "fuse_for_inference",
     "get_wiring",
     "register_wiring",
 ]

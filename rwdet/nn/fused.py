@@ -15,14 +15,24 @@ backward also fuses what autograd does in steps: a parent's gradient is accumula
 ``grad_Z_u += g_uv * grad_I_v`` (no per-edge temporary), and ``dL/dg_uv = <Z_u, grad_I_v>``.
 
 BN running statistics are updated once, in forward, exactly as ``nn.BatchNorm2d`` does.
+
+A node may instead end in detectron2's ``FrozenBatchNorm2d`` (the detection configs' norm, as in
+Detectron's fine-tuning): a fixed per-channel affine ``Z = C * s + t`` with no batch statistics
+and no trainable parameters. It is handled the same way — ``C_v`` kept, ``Z_v`` rebuilt — with
+the affine applied exactly as ``FrozenBatchNorm2d.forward`` applies it when gradients are needed
+(``s, t`` computed in the buffers' dtype, cast to ``C``'s, one multiply and one add), and
+``dL/dC = dL/dZ * s``. Without this the detector's stages kept four tensors per node.
+
 ``GraphStage`` uses this path when every node is a plain sepconv op (``nn.Conv2d`` +
-``nn.BatchNorm2d`` in training mode) and gradients are on; everything else (other node ops,
-DNW/popup layer types, frozen BN, inference) runs the reference node-by-node path. Equivalence
-to that path — outputs, every gradient, BN buffers — is tested on ER, BA and WS graphs.
+``nn.BatchNorm2d`` in training mode, or + ``FrozenBatchNorm2d``) and something in it needs a
+gradient; everything else (other node ops, DNW/popup layer types, eval-mode or synchronised BN,
+inference) runs the reference node-by-node path. Equivalence to that path — outputs, every
+gradient, BN buffers — is tested on ER, BA and WS graphs.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -47,18 +57,37 @@ class StagePlan:
     running: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # (mean, var) per node
     unit_edges: frozenset[int]  # edges whose gate is identically 1
     first_use: dict[int, int]  # parent -> smallest child: the last to need Z_u in backward
+    frozen: list[bool]  # per node: FrozenBatchNorm2d (params hold its scale, shift), else BN
+
+
+def is_frozen_bn(module: nn.Module) -> bool:
+    """detectron2's ``FrozenBatchNorm2d``. Looked up among the modules already imported: a model
+    can hold one only once detectron2 is loaded, and classification never has to import it."""
+    layers = sys.modules.get("detectron2.layers.batch_norm")
+    return layers is not None and type(module) is getattr(layers, "FrozenBatchNorm2d", None)
+
+
+def frozen_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` with ``FrozenBatchNorm2d(C) = C * s + t``, computed as its forward does."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    return scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+
+
+def _frozen_apply(c, scale, shift):
+    return c * scale.to(c.dtype) + shift.to(c.dtype)
 
 
 def fusable(op: nn.Module) -> bool:
-    """A node op the fused path computes exactly: plain sepconv with a training-mode BN."""
+    """A node op the fused path computes exactly: plain sepconv with a training-mode BN or a
+    FrozenBN."""
     if type(op) is not SepConvOp:
         return False
     _, dw, pw, bn = op
     return (
         type(dw) is nn.Conv2d
         and type(pw) is nn.Conv2d
-        and type(bn) is nn.BatchNorm2d
-        and bn.training
+        and ((type(bn) is nn.BatchNorm2d and bn.training) or is_frozen_bn(bn))
         and dw.bias is None
         and pw.bias is None
         and dw.padding_mode == "zeros"
@@ -134,6 +163,9 @@ class SepConvStage(torch.autograd.Function):
         stats = []
 
         def bn(v, c):
+            if plan.frozen[v]:
+                stats.extend((None, None))
+                return _frozen_apply(c, params[4 * v + 2], params[4 * v + 3])
             rm, rv = plan.running[v]
             z, mean, invstd = torch.native_batch_norm(
                 c, params[4 * v + 2], params[4 * v + 3], rm, rv, True, plan.bn_factor[v],
@@ -160,18 +192,20 @@ class SepConvStage(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = gates.detach().unbind()
         keep, ctx.keep = ctx.keep, None
+
+        def z_from(v, c):
+            bw, bb = params[4 * v + 2], params[4 * v + 3]
+            if plan.frozen[v]:
+                return _frozen_apply(c, bw, bb)
+            return _bn_apply(c, stats[2 * v], stats[2 * v + 1], bw, bb)
+
         if keep is None:  # a second backward (retain_graph=True): rebuild C from the input
-            keep, _ = _run_nodes(
-                plan, x, g, params,
-                lambda v, c: _bn_apply(c, stats[2 * v], stats[2 * v + 1], *params[4 * v + 2 :][:2]),
-                ctx.conv_dtypes,
-            )  # fmt: skip
+            keep, _ = _run_nodes(plan, x, g, params, z_from, ctx.conv_dtypes)
         cache: dict[int, torch.Tensor] = {}
 
         def z_of(u):
             if u not in cache:
-                bw, bb = params[4 * u + 2], params[4 * u + 3]
-                cache[u] = _bn_apply(keep[u], stats[2 * u], stats[2 * u + 1], bw, bb)
+                cache[u] = z_from(u, keep[u])
             return cache[u]
 
         # grads[v] = (tensor, owned): owned buffers are accumulated in place; the sinks share
@@ -207,23 +241,27 @@ class SepConvStage(torch.autograd.Function):
             a_c, dw_c, pw_c = a.to(cdt), dw.to(cdt), pw.to(cdt)
             b = F.conv2d(a_c, dw_c, stride=s, padding=1, groups=dw.shape[0])
             gz, _ = grads.pop(v)
-            rm, rv = plan.running[v]
-            grad_c, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
-                gz.to(keep[v].dtype),
-                keep[v],
-                bw,
-                rm,
-                rv,
-                stats[2 * v],
-                stats[2 * v + 1],
-                True,
-                plan.bn_eps[v],
-                [
+            if plan.frozen[v]:  # Z = C * s + t: autograd's MulBackward, s in C's dtype
+                grad_c = gz.to(keep[v].dtype) * bw.to(keep[v].dtype)
+                grad_bw = grad_bb = None
+            else:
+                rm, rv = plan.running[v]
+                grad_c, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
+                    gz.to(keep[v].dtype),
+                    keep[v],
+                    bw,
+                    rm,
+                    rv,
+                    stats[2 * v],
+                    stats[2 * v + 1],
                     True,
-                    bw is not None and need[3 + 4 * v + 2],
-                    bb is not None and need[3 + 4 * v + 3],
-                ],
-            )
+                    plan.bn_eps[v],
+                    [
+                        True,
+                        bw is not None and need[3 + 4 * v + 2],
+                        bb is not None and need[3 + 4 * v + 3],
+                    ],
+                )
             del gz
             keep[v] = None
             grad_b, grad_pw, _ = torch.ops.aten.convolution_backward(
@@ -263,13 +301,19 @@ class SepConvStage(torch.autograd.Function):
 
 def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Run ``stage`` (a ``GraphStage`` whose nodes are all ``fusable``) through the fused op."""
-    params, eps, factor, running = [], [], [], []
+    params, eps, factor, running, frozen = [], [], [], [], []
     for op in stage.nodes:
         _, dw, pw, bn = op
-        params += [dw.weight, pw.weight, bn.weight, bn.bias]
+        frozen.append(is_frozen_bn(bn))
+        if frozen[-1]:  # a constant affine: its (scale, shift) take the BN parameters' place
+            params += [dw.weight, pw.weight, *frozen_affine(bn)]
+            factor.append(0.0)
+            running.append((None, None))
+        else:
+            params += [dw.weight, pw.weight, bn.weight, bn.bias]
+            factor.append(bn_factor(bn))
+            running.append((bn.running_mean, bn.running_var))
         eps.append(bn.eps)
-        factor.append(bn_factor(bn))
-        running.append((bn.running_mean, bn.running_var))
     plan = StagePlan(
         stage.in_edges,
         stage.sinks,
@@ -280,5 +324,6 @@ def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         running,
         stage.gates.unit_edges,
         stage.first_use,
+        frozen,
     )
     return SepConvStage.apply(plan, x, gates, *params)

@@ -28,9 +28,10 @@ class GraphStage(nn.Module):
     - The stage output is the unweighted mean of the sinks.
     - Nodes run in index order (a topological order, since every edge has ``u < v``) and each
       output is released as soon as its last child has consumed it.
-    - Training memory: with ``fused=True`` (default) a stage of plain sepconv nodes runs as one
-      autograd op that keeps one tensor per node for backward (``rwdet.nn.fused``), not four.
-      Other node ops, DNW/popup layer types and frozen BN run node by node; there
+    - Training memory: with ``fused=True`` (default) a stage of plain sepconv nodes (BN in
+      training mode, or detectron2's FrozenBN) runs as one autograd op that keeps one tensor
+      per node for backward (``rwdet.nn.fused``), not four.
+      Other node ops, DNW/popup layer types and eval-mode BN run node by node; there
       ``recompute=True`` checkpoints each node (``rwdet.nn.recompute``). Both give the
       reference path's results; ``fused=False, recompute=False`` is that reference.
     - On CPU the fused op and forwards without gradients compute in channels_last and return
@@ -149,7 +150,11 @@ class GraphStage(nn.Module):
         # Node-by-node training keeps the caller's layout: there autograd would give NCHW
         # weights gradients with other strides, which DDP's gradient buckets reject (a
         # warning, a copy each step). CUDA keeps the layout.
-        fused = self._use_fused()
+        # A stage with nothing to differentiate (FREEZE_AT's frozen stages) saves nothing for
+        # backward either way; the node path keeps FrozenBN's own no-gradient kernel there.
+        fused = self._use_fused() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
         cl = torch.channels_last
         if (
             (fused or not torch.is_grad_enabled())

@@ -1,4 +1,5 @@
-"""Learning rate: linear scaling with the global batch, linear warmup, half-period cosine.
+"""Learning rate: linear scaling with the global batch, linear warmup, half-period cosine or
+step decay.
 
 - Linear scaling (Goyal et al. 2017): ``lr = optim.lr * global_batch / optim.reference_batch``.
   Recipes state the reference batch their lr belongs to (RandWire follows Goyal et al.:
@@ -7,6 +8,9 @@
   over all ``T`` iterations, updated every iteration (not per epoch), reaching 0 at the end.
 - Linear warmup (Goyal et al.): over the first ``W`` iterations the cosine value is multiplied by
   a factor rising linearly from ``warmup_factor`` to 1.
+- Step decay (``schedule.milestones``): the lr is multiplied by ``gamma`` at each milestone
+  epoch, as the DNW authors' small-scale recipe (``apps/small_scale/*.yml``: ``multistep`` at
+  epochs 80 and 120 of 160, gamma 0.1), with the same warmup factor in front.
 
 The scheduler is a pure function of the iteration, so resuming restores it from one integer.
 """
@@ -71,3 +75,20 @@ class CosineWarmup:
     def load_state_dict(self, state: dict) -> None:
         # Only the position is restored: lr and length come from the (possibly extended) config.
         self.iteration = int(state["iteration"])
+
+
+class MultiStepWarmup(CosineWarmup):
+    """Step decay: ``lr * gamma^(milestones passed)``, milestones in iterations (sorted)."""
+
+    def __init__(self, optimizer, lr, total_iters, milestones, gamma=0.1, **warmup):
+        super().__init__(optimizer, lr, total_iters, **warmup)
+        if list(milestones) != sorted(milestones) or not 0.0 < gamma <= 1.0:
+            raise ValueError(f"milestones {milestones} must be sorted and gamma={gamma} in (0, 1]")
+        self.milestones, self.gamma = list(milestones), gamma
+
+    def lr_at(self, it: int) -> float:
+        lr = self.lr * self.gamma ** sum(it >= m for m in self.milestones)
+        if it < self.warmup_iters:
+            alpha = it / self.warmup_iters
+            lr *= self.warmup_factor * (1.0 - alpha) + alpha
+        return lr

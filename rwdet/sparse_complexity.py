@@ -4,17 +4,23 @@
 
 - ``params_dense``: every weight of the network the search runs on — all candidate edges,
   all popup fixed weights, every node op — plus BN affine parameters and biases (learned or
-  not). Popup scores are bookkeeping of the search, not part of the network: reported apart as
-  ``score_params``.
+  not). Popup and supermask scores are bookkeeping of the search, not part of the network: reported
+  apart as ``score_params``.
 - ``params_kept``: only what the found network keeps: chosen weights/edges into live nodes,
   and the ops of live nodes. Ordinary dense layers count their non-zero weights (so an exported
-  model with zeroed weights counts the same as the model it came from).
+  model with zeroed weights counts the same as the model it came from). A Zhou et al.
+  supermask layer keeps what its evaluation mask keeps (``p > 0.5`` by default).
 - ``flops_dense`` / ``flops``: multiply-adds of convolutions, fully-connected layers and
   channel-level graph edges (DNW's footnote 1: FLOPs = multiply-adds), dense vs kept. A dead
   node — no real path to the stage output — does no work at inference and is skipped (DNW
   §2.4: "neurons often die ... we may then skip the depthwise convolution"). As in
   ``rwdet.complexity``, normalisation, activations, pooling and the node-level aggregation
   sums are not counted; for a dense model ``flops == flops_dense ==`` fvcore's count.
+
+DNW Table 1's neural graphs (``rwdet.models.neural_graph``) count themselves
+(``TimedNeuralGraph.sparse_counts``): per evaluation of ``f`` as above, times the evaluations
+of one forward (static 1, discrete L, continuous the mean NFE so far), reported as
+``evaluations``.
 
 A node that lost all real in-edges but still feeds the output is *not* dead: it runs its op on
 zeros (its output is a learned constant map), so it is counted.
@@ -26,16 +32,17 @@ import torch
 from torch import nn
 
 from rwdet.models.mobilenet_dnw import NeuralGraph
+from rwdet.models.neural_graph import TimedNeuralGraph
 from rwdet.nn.export import stage_live_nodes
 from rwdet.nn.learned_gates import DNWGates, FixedGates, PopupGates
-from rwdet.nn.sparse_layers import DNWConv2d, DNWLinear, PopupConv2d, PopupLinear
+from rwdet.nn.sparse_layers import MASKED_LAYERS, PopupLinear, SupermaskLinear
 from rwdet.nn.stage import GraphStage
 
 
 def _weight_counts(m: nn.Module, used: torch.Tensor | None) -> tuple[int, int]:
     """(dense, kept) weights of a conv / linear layer. ``used``: the output channels (conv) or
     input features (linear) that matter downstream; weights elsewhere do no work."""
-    if isinstance(m, (PopupConv2d, PopupLinear, DNWConv2d, DNWLinear)):
+    if isinstance(m, MASKED_LAYERS):
         kept = m.kept_mask()
     else:
         kept = m.weight != 0
@@ -86,7 +93,13 @@ def sparse_complexity(model: nn.Module, input_size: int = 224, in_channels: int 
             c = _graph_counts(m, out_shapes[m], liveness.get(name))
             nodes += c.pop("nodes")
             dead_nodes += c.pop("dead_nodes")
-        elif isinstance(m, (nn.Conv2d, nn.Linear, PopupLinear)):
+        elif isinstance(m, TimedNeuralGraph):  # DNW Table 1: x evaluations of f (L, NFE)
+            skip_inside.append(name)
+            c = m.sparse_counts()
+            nodes += c.pop("nodes")
+            dead_nodes += c.pop("dead_nodes")
+            r["evaluations"] = c.pop("evaluations")
+        elif isinstance(m, (nn.Conv2d, nn.Linear, PopupLinear, SupermaskLinear)):
             used = liveness.get(name)
             dense_w, kept_w = _weight_counts(m, used)
             bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0

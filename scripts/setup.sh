@@ -31,7 +31,7 @@ echo "rwdet setup: installing pinned dependencies (constraints.txt)"
 $PIP install -q -c constraints.txt "setuptools<80" "numpy<2" wheel
 $PIP install -q -c constraints.txt torch torchvision
 $PIP install -q -c constraints.txt fvcore iopath pycocotools networkx matplotlib tensorboard tqdm \
-  pyyaml pillow pytest ruff psutil \
+  pyyaml pillow pytest ruff psutil torchdiffeq \
   termcolor yacs tabulate cloudpickle omegaconf hydra-core black packaging
 # Export (tools/export.py: ONNX, checked with onnx.reference) and OpenCV for detectron2's
 # Visualizer; opencv-python-headless 4.11 is the last release built for numpy<2.

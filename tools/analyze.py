@@ -59,7 +59,10 @@ def cmd_complexity(args):
     if args.model is None:
         raise UserError("complexity: name a model (e.g. randwire_small) or pass --table")
     kwargs = model_kwargs_from_args(args)
-    c = complexity(build_model(args.model, **kwargs), input_size=args.input_size)
+    model = build_model(args.model, **kwargs)
+    if args.model.startswith("neuralgraph_"):  # DNW Table 1: kept edges x evaluations of f
+        return _neural_graph_complexity(args, model, kwargs)
+    c = complexity(model, input_size=args.input_size)
     c["model"], c["kwargs"] = args.model, kwargs
     if args.json:
         print(json.dumps(c))
@@ -70,6 +73,41 @@ def cmd_complexity(args):
             f"  FLOPs:       {c['flops'] / 1e6:.1f} M multiply-adds at {args.input_size}px\n"
             f"  activations: {c['activations'] / 1e6:.2f} M"
         )
+
+
+def _neural_graph_complexity(args, model, kwargs):
+    """fvcore would count every candidate edge of the dense edge matrix; these models are
+    counted by ``rwdet.sparse_complexity`` (kept edges, live nodes), with the continuous
+    model's function evaluations measured on 16 seeded N(0, 1) images (not all-zero ones,
+    whose trivial dynamics the solver crosses in a few steps)."""
+    import torch
+
+    from rwdet.sparse_complexity import sparse_complexity
+
+    c = sparse_complexity(model, args.input_size)
+    graph = model.graph
+    if graph.time == "continuous":
+        before = graph.sparse_counts()
+        graph.reset_nfe()
+        x = torch.randn(16, 3, args.input_size, args.input_size, generator=torch.manual_seed(0))
+        with torch.no_grad():
+            model.eval()(x)
+        after = graph.sparse_counts()
+        for key in ("flops", "flops_dense"):
+            c[key] += after[key] - before[key]
+        c["evaluations"] = after["evaluations"]
+    c["model"], c["kwargs"] = args.model, kwargs
+    if args.json:
+        print(json.dumps(c))
+        return
+    print(
+        f"{args.model} {kwargs or ''}\n"
+        f"  params kept: {c['params_kept']:,} ({c['params_dense']:,} with every candidate edge)\n"
+        f"  FLOPs kept:  {c['flops'] / 1e6:.2f} M multiply-adds at {args.input_size}px "
+        f"({c['flops_dense'] / 1e6:.1f} M dense)\n"
+        f"  evaluations of f per forward: {c['evaluations']:.1f} "
+        f"({graph.time}{', mean NFE on 16 N(0,1) images' if graph.time == 'continuous' else ''})"
+    )
 
 
 def cmd_graph(args):

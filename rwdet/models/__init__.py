@@ -1,6 +1,12 @@
 """rwdet models; every model registers itself here on import."""
 
-from rwdet.models import mobilenet_dnw, randwire, sparse_resnet  # noqa: F401  (registration)
+from rwdet.models import (  # noqa: F401  (registration)
+    conv,
+    mobilenet_dnw,
+    neural_graph,
+    randwire,
+    sparse_resnet,
+)
 from rwdet.models.artifact import ModelFile, ModelSpec, load_model, read_model_file, save_model
 from rwdet.models.interface import FeatureInfo, FeatureListModel, StagedClassifier
 from rwdet.models.randwire import RandWire

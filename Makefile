@@ -1,7 +1,7 @@
 # rwdet: two commands a newcomer needs are `make demo` and `make test`; both set up .venv first.
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-cls demo-det test test-fast docs-numbers mutate gpu-check lint format clean
+.PHONY: setup demo demo-cls demo-det demo-popup test test-fast docs-numbers mutate gpu-check lint format clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,11 @@ demo-cls:
 
 demo-det:
 	bash tools/demo_det.sh
+
+# Edge-popup on the embedded data: a Conv4 whose random weights are never trained, only the
+# scores choosing half of them, next to the same net trained (docs/studies.md). ~5 min on CPU.
+demo-popup: setup
+	$(PY) tools/study.py configs/studies/popup_k_sweep.yaml --preset demo
 
 test: setup
 	@bash scripts/run_tests.sh

@@ -98,6 +98,10 @@ DEFAULTS: dict = {
         "gpu_decode": False,
     },
     "optim": {
+        # "sgd", or "adam" (torch.optim.Adam, default betas; momentum and nesterov unused): the
+        # edge-popup paper's learned-dense Adam baseline (§4.1), without lr decay there (give
+        # schedule.milestones=[0.5] with schedule.gamma=1.0 for a constant lr).
+        "name": "sgd",
         # SGD learning rate at optim.reference_batch; scaled linearly with the global batch.
         "lr": 0.1,
         # Batch size the lr is stated for (Goyal et al.: 0.1 per 256 images).
@@ -122,6 +126,11 @@ DEFAULTS: dict = {
         # et al.'s rule, start at the reference-batch lr (factor reference_batch / global batch,
         # capped at 1: no warmup at or below the reference batch).
         "warmup_factor": None,
+        # Step decay instead of the cosine: epochs at which the lr is multiplied by
+        # schedule.gamma (the DNW small-scale recipe: [80, 120] of 160). Empty: cosine.
+        "milestones": [],
+        # Factor applied to the lr at each of schedule.milestones.
+        "gamma": 0.1,
     },
     "train": {
         # Global batch size (summed over all processes); must divide by the process count.
@@ -228,6 +237,7 @@ _RULES: dict[str, Rule] = {
     "data.test_resize": Rule(int, ">= 1", none=True, example=256),
     "data.workers": Rule(bound=">= 0"),
     "data.train_subset": Rule(int, ">= 1", none=True, example=10000),
+    "optim.name": Rule(choices=("sgd", "adam"), example="adam"),
     "optim.lr": Rule(bound="> 0 and < 3.4e38"),
     "optim.reference_batch": Rule(bound=">= 1"),
     "optim.momentum": Rule(bound="in [0, 1)"),
@@ -237,6 +247,8 @@ _RULES: dict[str, Rule] = {
     "schedule.epochs": Rule(bound=">= 1"),
     "schedule.warmup_epochs": Rule(bound=">= 0"),
     "schedule.warmup_factor": Rule(float, "in (0, 1]", none=True, example=0.1),
+    "schedule.milestones": Rule(list, example=[80, 120], expected="a list of epochs"),
+    "schedule.gamma": Rule(bound="in (0, 1]"),
     "train.batch_size": Rule(bound=">= 1"),
     "train.amp": Rule(choices=("off", "bf16", "fp16"), example="bf16"),
     "train.ema_decay": Rule(bound="in (0, 1)"),
@@ -603,6 +615,14 @@ def finalize(cfg: dict) -> dict:
         raise UserError(
             "this recipe trains on a folder in ImageNet layout but no data root was given; "
             "pass --data ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*)"
+        )
+    stones, epochs = cfg["schedule"]["milestones"], cfg["schedule"]["epochs"]
+    number = (int, float)
+    bad = [m for m in stones if isinstance(m, bool) or not isinstance(m, number) or m <= 0]
+    if bad or stones != sorted(set(stones)) or (stones and stones[-1] >= epochs):
+        raise UserError(
+            f"config key schedule.milestones={stones!r}: expected increasing epochs between 0 "
+            f"and schedule.epochs={epochs} (e.g. schedule.milestones=[80, 120])"
         )
     if cfg["eval"]["only"] and not cfg["weights"]:
         raise UserError("--eval-only needs --weights PATH (a checkpoint written by train_cls.py)")

@@ -1,4 +1,5 @@
-"""Datasets: ImageNet folder layout (corrupt files skipped) and Fashion-MNIST from Debian.
+"""Datasets: ImageNet folder layout (corrupt files skipped), Fashion-MNIST from Debian, and
+CIFAR-10/100 from the python-pickle batches torchvision reads.
 
 Every sample's random augmentation is drawn from a seed the sampler hands out with its index
 (``(index, seed)`` items, see ``classification.sampler``), not from a worker's running RNG. So
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import random
 import signal
 import struct
@@ -295,14 +297,30 @@ def load_fashion_mnist(directory: str, split: str) -> tuple[torch.Tensor, torch.
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
-    """In-memory grayscale images: pad-and-crop + flip for training, as for CIFAR.
+    """In-memory images: pad-and-crop + flip for training, as for CIFAR.
 
-    Images are normalised (and padded) once up front; an item is then a crop of a float tensor,
-    with its offsets and flip drawn from a generator seeded by the item's sample seed.
+    ``images`` are uint8, ``(N, H, W)`` (grayscale) or ``(N, C, H, W)``; ``mean``/``std`` one
+    value or one per channel (default: Fashion-MNIST's). Images are normalised and padded once
+    up front, the padding being the normalised value of black (as torchvision's
+    ``RandomCrop(padding=...)`` before ``Normalize``); an item is then a crop of a float
+    tensor, with its offsets and flip drawn from a generator seeded by the item's sample seed.
     """
 
-    def __init__(self, images, labels, classes, size: int, train: bool, pad: int = 2):
-        x = images.unsqueeze(1).float().div_(255.0).sub_(FMNIST_MEAN).div_(FMNIST_STD)
+    def __init__(
+        self,
+        images,
+        labels,
+        classes,
+        size: int,
+        train: bool,
+        pad: int = 2,
+        mean=FMNIST_MEAN,
+        std=FMNIST_STD,
+    ):
+        x = (images.unsqueeze(1) if images.ndim == 3 else images).float().div_(255.0)
+        mean = torch.tensor(mean, dtype=torch.float64).reshape(-1)
+        std = torch.tensor(std, dtype=torch.float64).reshape(-1)
+        x.sub_(mean.to(x.dtype).reshape(1, -1, 1, 1)).div_(std.to(x.dtype).reshape(1, -1, 1, 1))
         if x.shape[-1] != size:
             x = torch.cat(
                 [
@@ -312,8 +330,11 @@ class TensorImageDataset(torch.utils.data.Dataset):
             )
         self.pad = pad if train else 0
         if self.pad:
-            # Padding with the normalised value of black, as padding the raw image with zeros.
-            x = torch.nn.functional.pad(x, [pad] * 4, value=-FMNIST_MEAN / FMNIST_STD)
+            n, c, h, w = x.shape
+            black = (-mean / std).to(x.dtype).expand(c).reshape(1, c, 1, 1)
+            padded = black.expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+            padded[:, :, pad : pad + h, pad : pad + w] = x
+            x = padded
         self.x, self.labels, self.classes = x, labels, classes
         self.size, self.train = size, train
 
@@ -330,6 +351,118 @@ class TensorImageDataset(torch.utils.data.Dataset):
         flip = bool(torch.randint(0, 2, (), generator=g))
         x = self.x[index, :, i : i + self.size, j : j + self.size]
         return (x.flip(-1) if flip else x.clone()), label
+
+
+# ---------------------------------------------------------------------------- CIFAR
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where torchvision's ``CIFAR10``/``CIFAR100(root, download=False)`` find the batches."""
+
+    folder: str  # under root
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    label_key: bytes
+    names_key: bytes
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# Normalisation as the edge-popup authors' data/cifar.py (allenai/hidden-networks): the
+# CIFAR-10 training-set channel mean/std rounded to 3 digits. CIFAR-100's own statistics over
+# its 50k training images (the authors have no CIFAR-100 loader).
+CIFAR = {
+    "cifar10": CifarLayout(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "batches.meta",
+        b"labels",
+        b"label_names",
+        (0.491, 0.482, 0.447),
+        (0.247, 0.243, 0.262),
+    ),
+    "cifar100": CifarLayout(
+        "cifar-100-python",
+        ("train",),
+        "test",
+        "meta",
+        b"fine_labels",
+        b"fine_label_names",
+        (0.507, 0.487, 0.441),
+        (0.267, 0.256, 0.276),
+    ),
+}
+CIFAR_PAD = 4  # RandomCrop(32, padding=4) + RandomHorizontalFlip, as the authors' data/cifar.py
+
+
+def cifar_dir(name: str, root: str) -> str:
+    """The batches folder: ``root/<folder>`` (torchvision's root) or ``root`` itself."""
+    layout = CIFAR[name]
+    for folder in (os.path.join(root, layout.folder), root):
+        if os.path.isfile(os.path.join(folder, layout.meta)):
+            return folder
+    files = ", ".join((*layout.train, layout.test, layout.meta))
+    raise UserError(
+        f"{name} data not found at {root!r}: expected the python-pickle batches ({files}) in "
+        f"{os.path.join(root, layout.folder)}/ (unpack the official "
+        f"{layout.folder.replace('-batches-py', '').replace('-python', '')}-python.tar.gz "
+        f"there; nothing is downloaded), then pass --data {name}:ROOT"
+    )
+
+
+def _unpickle(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(
+            f"CIFAR file {path!r} is missing; the batches folder must hold every file of the "
+            f"official python archive (unpack it again)"
+        )
+    with open(path, "rb") as f:
+        try:
+            return pickle.load(f, encoding="bytes")  # the archives are Python 2 pickles
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise UserError(f"CIFAR file {path!r} cannot be read ({e}); unpack it again") from None
+
+
+def load_cifar(name: str, root: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(uint8 images (N, 3, 32, 32), labels, class names) of one split."""
+    layout = CIFAR[name]
+    folder = cifar_dir(name, root)
+    meta = _unpickle(os.path.join(folder, layout.meta))
+    classes = [c.decode() if isinstance(c, bytes) else c for c in meta[layout.names_key]]
+    images, labels = [], []
+    for file in layout.train if split == "train" else (layout.test,):
+        path = os.path.join(folder, file)
+        batch = _unpickle(path)
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(batch[layout.label_key], dtype=np.int64)
+        except (KeyError, ValueError) as e:
+            raise UserError(
+                f"CIFAR file {path!r} is not a {name} batch ({type(e).__name__}: {e})"
+            ) from None
+        if len(y) != len(data) or (len(y) and (y.min() < 0 or y.max() >= len(classes))):
+            raise UserError(
+                f"CIFAR file {path!r}: {len(data)} images, {len(y)} labels in "
+                f"0..{len(classes) - 1} expected"
+            )
+        images.append(torch.from_numpy(data))
+        labels.append(torch.from_numpy(y))
+    return torch.cat(images), torch.cat(labels), classes
+
+
+def cifar_datasets(name: str, root: str, train_size: int, test_size: int, train: bool):
+    layout = CIFAR[name]
+    val_x, val_y, classes = load_cifar(name, root, "val")
+    norm = {"mean": layout.mean, "std": layout.std}
+    val = TensorImageDataset(val_x, val_y, classes, test_size, False, **norm)
+    train_set = None
+    if train:
+        tr_x, tr_y, _ = load_cifar(name, root, "train")
+        train_set = TensorImageDataset(tr_x, tr_y, classes, train_size, True, CIFAR_PAD, **norm)
+    return train_set, val, classes
 
 
 # ---------------------------------------------------------------------------- building
@@ -351,6 +484,9 @@ def build_datasets(cfg: dict, train: bool = True, classes: list[str] | None = No
             train_set = TensorImageDataset(tr_x, tr_y, FMNIST_CLASSES, data["train_size"], True)
         return train_set, val, FMNIST_CLASSES, 1
     root = data["root"]
+    if data["name"] in CIFAR:
+        sizes = data["train_size"], data["test_size"]
+        return (*cifar_datasets(data["name"], root, *sizes, train), 3)
     train_tf, val_tf = imagenet_transforms(
         data["train_size"], data["test_size"], data["test_resize"]
     )
@@ -367,6 +503,10 @@ def split_location(cfg: dict, split: str) -> str:
     data = cfg["data"]
     if data["name"] == "fashion_mnist":
         return os.path.join(data["fashion_mnist_dir"], FMNIST_FILES[split][0])
+    if data["name"] in CIFAR:
+        layout = CIFAR[data["name"]]
+        file = layout.train[0] if split == "train" else layout.test
+        return os.path.join(cifar_dir(data["name"], data["root"]), file)
     return find_split_dir(data["root"], split)
 
 

@@ -51,7 +51,7 @@ from classification.logger import (
 from classification.metrics import peak_memory_mb, topk_hits
 from classification.precise_bn import recompute_bn_stats
 from classification.sampler import EvalSampler, TrainSampler, subset_indices
-from classification.schedule import CosineWarmup, scaled_lr
+from classification.schedule import CosineWarmup, MultiStepWarmup, scaled_lr
 from rwdet.atomic import atomic_write
 from rwdet.checkpoint_io import model_record
 from rwdet.graphs import graphs_fingerprint
@@ -628,10 +628,13 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter, stop=None) -> dict:
     batch = per_rank(tc["batch_size"], d, "train.batch_size")
     o = cfg["optim"]
     lr = scaled_lr(o["lr"], tc["batch_size"], o["reference_batch"])
-    optimizer = torch.optim.SGD(
-        params, lr=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
-        nesterov=o["nesterov"],
-    )  # fmt: skip
+    if o["name"] == "adam":  # the edge-popup paper's Adam baseline for learned dense weights
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=o["weight_decay"])
+    else:
+        optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
+            nesterov=o["nesterov"],
+        )  # fmt: skip
     indices = subset_indices(len(train_set), cfg["data"]["train_subset"], cfg["seed"])
     sampler = TrainSampler(indices, batch, cfg["seed"], d.rank, d.world)
     ipe = sampler.batches_per_epoch
@@ -645,15 +648,23 @@ def _train(cfg: dict, d: DistInfo, writer: MetricWriter, stop=None) -> dict:
     factor = cfg["schedule"]["warmup_factor"]
     if factor is None:
         factor = min(1.0, o["reference_batch"] / tc["batch_size"])
-    scheduler = CosineWarmup(optimizer, lr, total, warmup, factor)
+    stones = [round(m * ipe) for m in cfg["schedule"]["milestones"]]
+    if stones:
+        scheduler = MultiStepWarmup(
+            optimizer, lr, total, stones, cfg["schedule"]["gamma"],
+            warmup_iters=warmup, warmup_factor=factor,
+        )  # fmt: skip
+    else:
+        scheduler = CosineWarmup(optimizer, lr, total, warmup, factor)
     amp_dtype, use_scaler = amp_settings(cfg, d)
     scaler = torch.amp.GradScaler(d.device.type, enabled=use_scaler)
     ema = ModelEMA(model, tc["ema_decay"]) if tc["ema"] else None
     log.info(
         "lr %.4g = %.4g x global batch %d / reference batch %d; %d iterations/epoch, %d epochs,"
-        " %d warmup iterations from %.3g x lr, half-period cosine",
+        " %d warmup iterations from %.3g x lr, %s",
         lr, o["lr"], tc["batch_size"], o["reference_batch"], ipe, cfg["schedule"]["epochs"],
-        warmup, factor,
+        warmup, factor, f"x{cfg['schedule']['gamma']:g} at epochs {cfg['schedule']['milestones']}"
+        if stones else "half-period cosine",
     )  # fmt: skip
     state = {
         "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema,

@@ -288,6 +288,18 @@ def test_random_graph_is_fixed_seeded_and_travels_in_the_state_dict():
     assert torch.equal(c.graph.mask, a.graph.mask)
 
 
+def test_random_graph_from_the_training_seed():
+    """seed=None (the Table 1 study): the graph follows torch's generator, i.e. the run's
+    training seed, so the study's seeds average over random graphs too."""
+    torch.manual_seed(5)
+    a = build_model("neuralgraph_static", wiring="random", seed=None, **TINY)
+    torch.manual_seed(5)
+    b = build_model("neuralgraph_static", wiring="random", seed=None, **TINY)
+    torch.manual_seed(6)
+    c = build_model("neuralgraph_static", wiring="random", seed=None, **TINY)
+    assert torch.equal(a.graph.mask, b.graph.mask) and not torch.equal(a.graph.mask, c.graph.mask)
+
+
 # ---------------------------------------------------------------------------- recipes
 
 

@@ -109,7 +109,7 @@ class TimedNeuralGraph(nn.Module):
         n_out: int = 100,
         blocks: int = 5,
         steps: int = 5,
-        seed: int = 1,
+        seed: int | None = 1,
         adjoint: bool = False,
         rtol: float = 1e-3,
         atol: float = 1e-3,
@@ -150,7 +150,10 @@ class TimedNeuralGraph(nn.Module):
         bound = 1.0 / math.sqrt(dim)
         self.weight = nn.Parameter(torch.empty(dim, dim).uniform_(-bound, bound))
         if wiring == "random":
-            gen = torch.Generator().manual_seed(int(seed))
+            # seed=None: torch's global generator, i.e. the run's training seed (a study's
+            # seeds then average over random graphs too, as the authors' runs did); the mask
+            # is a persistent buffer either way, so the file carries the graph.
+            gen = None if seed is None else torch.Generator().manual_seed(int(seed))
             magnitude = torch.rand(dim, dim, generator=gen)
             self.register_buffer("mask", topk_mask(magnitude, self.count, allowed))
         self.norm = nn.InstanceNorm2d(self.n_ops, affine=True)
@@ -311,7 +314,8 @@ class NeuralGraphClassifier(StagedClassifier):
 
     Args:
         time: "static", "discrete" or "continuous".
-        wiring: "dnw" (learned) or "random" (RG, fixed by ``seed``).
+        wiring: "dnw" (learned) or "random" (RG, fixed by ``seed``; ``seed=None`` draws it
+            from torch's global generator, so from the run's training seed).
         k: fraction of the complete graph's ``dim^2`` edges kept (0.05 = prune_rate 0.95).
         dim, downsample_dim, feature_dim: nodes, input nodes, output nodes.
         blocks: static blocks (inputs and outputs included); steps: discrete time steps L.
@@ -332,7 +336,7 @@ class NeuralGraphClassifier(StagedClassifier):
         feature_dim: int = 100,
         blocks: int = 5,
         steps: int = 5,
-        seed: int = 1,
+        seed: int | None = 1,
         adjoint: bool = False,
         rtol: float = 1e-3,
         atol: float = 1e-3,

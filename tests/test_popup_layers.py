@@ -137,3 +137,21 @@ def test_popup_gates_exact_per_node_count_with_ties_and_gradient_to_scores():
     upstream = torch.arange(1.0, 10.0)
     out.backward(upstream)
     torch.testing.assert_close(gates.scores.grad, upstream * gates.weight)  # straight through
+
+
+@pytest.mark.parametrize("init", ["signed_constant", "signed_xavier_constant"])
+def test_popup_gates_follow_the_chosen_distribution(init):
+    """A RandWire stage's popup edge weights use ``init``'s own fan rule (the Xavier pair's
+    std differs from the Kaiming one), not only its shape."""
+    from rwdet.graphs import GraphSpec
+    from rwdet.nn.learned_gates import PopupGates
+
+    spec = GraphSpec.generate("ws", 32, 1, k=4, p=0.75)
+    gates = PopupGates(spec, k=0.5, init=init, scale=True)
+    indeg = {}
+    for _, v in gates.edges:
+        indeg[v] = indeg.get(v, 0) + 1
+    for e, (_, v) in enumerate(gates.edges):
+        n = indeg[v]
+        want = math.sqrt(2 / ((n + 1) * 0.5)) if "xavier" in init else 1 / math.sqrt(n * 0.5)
+        assert abs(abs(gates.weight[e].item()) - want) < 1e-6

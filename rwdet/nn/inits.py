@@ -63,6 +63,12 @@ def check_init(init: str) -> None:
         raise ValueError(f"init={init!r} is not known; choose one of {list(FIXED_INITS)}")
 
 
+def fan_rule(init: str) -> str:
+    """ "kaiming" (std from the fan-in) or "xavier" (from fan-in + fan-out) for ``init``."""
+    check_init(init)
+    return _INITS[init][1]
+
+
 def fans(weight: torch.Tensor) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a linear ``(out, in)`` or conv ``(out, in/groups, kh, kw)``
     weight, as ``torch.nn.init`` counts them."""

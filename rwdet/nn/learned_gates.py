@@ -24,8 +24,9 @@ else about the stage changes. Importing this module registers the wiring modes `
     network here is the RandWire one, whose sources read the stage input as in RandWire.
     The fixed edge weights follow the conv layers' ``init`` with the aggregation seen as a
     linear layer of fan-in ``in-degree(v)`` and gain 1 (no ReLU between the sum and its
-    inputs): kaiming normal ``N(0, 1/indeg)`` or signed constant ``+-1/sqrt(indeg)``, divided
-    by ``sqrt(k)`` when ``scale``.
+    inputs): kaiming normal ``N(0, 1/indeg)`` or signed constant ``+-1/sqrt(indeg)`` (kaiming
+    uniform likewise), the Xavier pair at ``std = sqrt(2 / (indeg + 1))`` (fan-out 1: a node is
+    one output), every std divided by ``sqrt(k)`` when ``scale``.
     What is a "layer" here: the in-edges of one node. ``I_v = sum_u w_uv Z_u`` is a linear layer
     of fan-in ``indeg(v)``, so each node keeps ``kept_count(k, indeg(v))`` (>= 1) of its in-edges,
     chosen by ``|score|`` with the same rule as every conv. Ranking a whole stage's ~2N edges as
@@ -45,6 +46,7 @@ from torch import nn
 from rwdet.graphs import GraphSpec
 from rwdet.nn.choose import dnw_weight, kept_count, popup_mask, topk_mask
 from rwdet.nn.gates import EdgeGates
+from rwdet.nn.inits import fan_rule
 from rwdet.nn.sparse_layers import (
     PopupConv2d,
     PopupLinear,
@@ -116,7 +118,11 @@ class PopupGates(EdgeGates):
         self.groups = [(ix, kept_count(k, len(ix))) for ix in into.values()]
         self.count = sum(c for _, c in self.groups)
         fan_in = torch.tensor([float(len(into[v])) for _, v in self.edges])
-        std = 1.0 / torch.sqrt(fan_in * (self.k if scale else 1.0))
+        f = self.k if scale else 1.0
+        if fan_rule(init) == "xavier":  # a node's in-edges as a (1 x indeg) layer: fan_out 1
+            std = torch.sqrt(2.0 / ((fan_in + 1.0) * f))
+        else:  # gain 1: the aggregation is linear
+            std = 1.0 / torch.sqrt(fan_in * f)
         weight = init_fixed_(torch.empty(len(self.edges)), 1.0, init) * std
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scores = nn.Parameter(torch.empty(len(self.edges)).uniform_(-1.0, 1.0))

@@ -49,3 +49,28 @@ def test_damage_study_covers_every_node_and_edge(tmp_path):
     assert all(r["target_in_degree"] == (2 if r["edge"][1] == 3 else 1) for r in edges)
     assert all(r["delta"] < 0 for r in nodes if r["node"] != 3)  # the probes only add
     assert plot_damage(study, str(tmp_path / "damage.png")).endswith(".png")
+
+
+def test_damage_lives_outside_the_stage():
+    """Issue 15: the stage holds no damage state; ``removed`` swaps in gates whose removed
+    edges are 0 (and no longer unit edges) and restores the stage exactly."""
+    import torch
+
+    from rwdet.analysis.damage import DamagedGates
+    from rwdet.models import build_model
+
+    model = build_model("randwire_small", channels=8, nodes=6, num_classes=10).eval()
+    stage = next(m for m in model.modules() if hasattr(m, "sinks"))
+    assert not hasattr(stage, "removed_edges") and not hasattr(stage, "removed_nodes")
+    gates, sinks = stage.gates, list(stage.sinks)
+    unit = next(iter(gates.unit_edges))
+    with removed(stage, edge=unit):
+        assert isinstance(stage.gates, DamagedGates) and unit not in stage.gates.unit_edges
+        assert stage.gates()[unit] == 0
+    assert stage.gates is gates and stage.sinks == sinks
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with removed(stage, node=sinks[0]):
+            damaged = model(x)
+        assert torch.equal(model(x), ref) and not torch.equal(damaged, ref)

@@ -13,8 +13,10 @@ import contextlib
 import json
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
+from rwdet.nn.gates import EdgeGates
 from rwdet.nn.stage import GraphStage
 
 
@@ -22,18 +24,45 @@ def stages(model: nn.Module) -> dict[str, GraphStage]:
     return {name: m for name, m in model.named_modules() if isinstance(m, GraphStage)}
 
 
+class DamagedGates(EdgeGates):
+    """A stage's gates with some edges removed: a removed edge's gate is 0, so its term leaves
+    the target's weighted sum and the target's other weights are unchanged. Removed edges are
+    no longer unit edges (a unit edge bypasses its gate). The stage itself knows nothing of
+    the damage: ``removed`` swaps these in and restores the original gates."""
+
+    def __init__(self, gates: EdgeGates, removed_edges: set[int]):
+        super().__init__(gates.edges)
+        self.inner = gates
+        self.unit_edges = frozenset(gates.unit_edges) - frozenset(removed_edges)
+        keep = torch.ones(len(gates.edges))
+        keep[sorted(removed_edges)] = 0.0
+        self.register_buffer("keep", keep, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        gates = self.inner()
+        return gates * self.keep.to(device=gates.device, dtype=gates.dtype)
+
+    def active_edges(self) -> list[tuple[int, int]]:
+        live = set(self.inner.active_edges())
+        return [e for e, k in zip(self.edges, self.keep.tolist()) if k and e in live]
+
+
 @contextlib.contextmanager
 def removed(stage: GraphStage, node: int | None = None, edge: int | None = None):
+    """Inside: ``stage`` runs with one node or one edge removed (module docstring). A removed
+    node is its out-edges and, for a sink, its share of the stage's output mean."""
     edges = stage.gates.edges
     if node is not None:
-        stage.removed_edges = {i for i, (u, _) in enumerate(edges) if u == node}
-        stage.removed_nodes = {node}
+        gone = {i for i, (u, _) in enumerate(edges) if u == node}
+        sinks = [s for s in stage.sinks if s != node]
     else:
-        stage.removed_edges = {edge}
+        gone, sinks = {edge}, stage.sinks
+    gates, old_sinks = stage.gates, stage.sinks
+    stage.gates, stage.sinks = DamagedGates(gates, gone), sinks
     try:
         yield
     finally:
-        stage.removed_edges, stage.removed_nodes = set(), set()
+        stage.gates, stage.sinks = gates, old_sinks
 
 
 def damage_study(

@@ -105,10 +105,6 @@ class GraphStage(nn.Module):
         for v in range(n):
             starts.append(starts[-1] + len(self.in_edges[v]))
         self.slices = list(zip(starts[:-1], starts[1:]))
-        # Graph damage (RandWire §4.1, inference only): removed edge indices; a removed node
-        # is all of its out-edges plus, for a sink, its place in the output mean.
-        self.removed_edges: set[int] = set()
-        self.removed_nodes: set[int] = set()
 
     def _use_fused(self) -> bool:
         # Tracers (torch.compile, jit.trace as in fvcore's FLOP count, jit.script, ONNX
@@ -117,7 +113,6 @@ class GraphStage(nn.Module):
             self.fused
             and self.training
             and torch.is_grad_enabled()
-            and not self.removed_edges
             and not torch.compiler.is_compiling()
             and not exporting()
             and all(fusable(op) for op in self.nodes)
@@ -127,13 +122,7 @@ class GraphStage(nn.Module):
         ins = self.in_edges[v]
         if not ins:
             return x
-        if self.removed_edges:
-            ins = [(e, u) for e, u in ins if e not in self.removed_edges]
-            if not ins:
-                return torch.zeros_like(outs[self.in_edges[v][0][1]])
-            index = torch.tensor([e for e, _ in ins], device=gates.device)
-        else:
-            index = self.in_edge_index[slice(*self.slices[v])]
+        index = self.in_edge_index[slice(*self.slices[v])]
         if len(ins) == 1 and ins[0][0] in self.gates.unit_edges:
             return outs[ins[0][1]]
         return weighted_sum(gates.index_select(0, index), [outs[u] for _, u in ins])
@@ -179,13 +168,9 @@ class GraphStage(nn.Module):
                 outs[v] = node(self.aggregate(v, x, outs, gates))
             for u in self.release_after[v]:
                 del outs[u]
-        sinks = (
-            [s for s in self.sinks if s not in self.removed_nodes]
-            if self.removed_nodes
-            else self.sinks
-        )
-        if not sinks:
-            return torch.zeros_like(outs[self.sinks[0]])
+        sinks = self.sinks
+        if not sinks:  # only when the graph-damage study has removed the one sink
+            return torch.zeros_like(outs[len(self.nodes) - 1])
         out = outs[sinks[0]]
         for s in sinks[1:]:
             out = out + outs[s]

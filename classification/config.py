@@ -622,7 +622,9 @@ def finalize(cfg: dict) -> dict:
     if bad or stones != sorted(set(stones)) or (stones and stones[-1] >= epochs):
         raise UserError(
             f"config key schedule.milestones={stones!r}: expected increasing epochs between 0 "
-            f"and schedule.epochs={epochs} (e.g. schedule.milestones=[80, 120])"
+            f"and schedule.epochs={epochs}; with --epochs {epochs}, e.g. schedule.milestones="
+            f"[{epochs * 0.5:g}, {epochs * 0.75:g}] (half and three quarters, as DNW's 80/120 of "
+            "160), or schedule.milestones=[] for the cosine"
         )
     if cfg["eval"]["only"] and not cfg["weights"]:
         raise UserError("--eval-only needs --weights PATH (a checkpoint written by train_cls.py)")

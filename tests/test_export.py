@@ -41,14 +41,14 @@ def tool_module():
     return module
 
 
-def run_tool(argv, capsys):
-    """The tool as `python tools/export.py ARGV` runs it: (exit code, stdout, stderr lines)."""
+def run_tool(argv, capsys, tool=TOOL):
+    """The tool as `python tools/<tool> ARGV` runs it: (exit code, stdout, stderr lines)."""
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", [TOOL, *map(str, argv)])
+        mp.setattr(sys, "argv", [tool, *map(str, argv)])
         mp.delenv("RWDET_DEBUG", raising=False)
         with pytest.raises(SystemExit) as exc:
-            runpy.run_path(str(ROOT / "tools" / TOOL), run_name="__main__")
+            runpy.run_path(str(ROOT / "tools" / tool), run_name="__main__")
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err.strip().splitlines()
 

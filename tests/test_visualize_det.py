@@ -1,13 +1,12 @@
 """``tools/visualize_det.py`` (the PNG `make demo` shows): the detector's boxes on a real
 held-out tree-crown tile next to the annotated boxes; bad requests are one line, exit 2."""
 
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_export import run_tool as export_run_tool
 from test_export_detector import det_weights  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -16,14 +15,7 @@ TOOL = "visualize_det.py"
 
 
 def run_tool(argv, capsys):
-    capsys.readouterr()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", [TOOL, *map(str, argv)])
-        mp.delenv("RWDET_DEBUG", raising=False)
-        with pytest.raises(SystemExit) as exc:
-            runpy.run_path(str(ROOT / "tools" / TOOL), run_name="__main__")
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err.strip().splitlines()
+    return export_run_tool(argv, capsys, tool=TOOL)
 
 
 def test_png_shows_predictions_next_to_ground_truth(det_weights, tmp_path, capsys):  # noqa: F811

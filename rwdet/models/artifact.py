@@ -44,6 +44,11 @@ _FIX = (
 )
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model ``build_model`` built, also from inside a ``features_only`` wrapper."""
+    return model if hasattr(model, "rwdet_spec") else getattr(model, "model", model)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What rebuilds a model exactly: registry name, its keywords, its stage graphs."""
@@ -59,7 +64,7 @@ class ModelSpec:
     @classmethod
     def of(cls, model: nn.Module) -> ModelSpec:
         """The spec of a model built by ``build_model`` (any ``features_only`` wrapper too)."""
-        inner = getattr(model, "model", model) if not hasattr(model, "rwdet_spec") else model
+        inner = _unwrapped(model)
         spec = getattr(inner, "rwdet_spec", None)
         if spec is None:
             raise UserError(
@@ -306,8 +311,12 @@ def save_model(model: nn.Module, path_or_uri, **extra) -> None:
     from rwdet.atomic import atomic_write
     from rwdet.file_io import FileURIHandler, PathManager
 
-    inner = getattr(model, "model", model) if not hasattr(model, "rwdet_spec") else model
-    data = {"format": FORMAT, "model": inner.state_dict(), **ModelSpec.of(model).record(), **extra}
+    data = {
+        "format": FORMAT,
+        "model": _unwrapped(model).state_dict(),
+        **ModelSpec.of(model).record(),
+        **extra,
+    }
     path = os.fspath(path_or_uri)
     if path.startswith(FileURIHandler.PREFIX):
         path = FileURIHandler()._to_native(path)

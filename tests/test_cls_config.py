@@ -262,3 +262,14 @@ def test_another_model_drops_the_demo_models_keywords():
     odd = cli("--model", "conv2", "--data", "/d", "--test-size", "40", "data.train_size=32")
     with pytest.raises(UserError, match="built for one input size"):
         model_spec(odd, num_classes=10, in_channels=3)
+
+
+def test_milestones_beyond_the_epochs_suggest_ones_that_fit():
+    """A recipe with step milestones (DNW's 80/120 of 160) and --epochs 2: the one-line error
+    names milestones that fit, and they are accepted."""
+    recipe = os.path.join(RECIPES, "neuralgraph_static.yaml")
+    with pytest.raises(UserError, match=r"schedule.milestones=\[1, 1.5\]") as e:
+        cli("--config", recipe, "--epochs", "2")
+    assert "\n" not in str(e.value)
+    cfg = cli("--config", recipe, "--epochs", "2", "schedule.milestones=[1, 1.5]")
+    assert cfg["schedule"]["milestones"] == [1, 1.5]

@@ -10,8 +10,8 @@ over rounds. Ratios are taken against torchvision ResNet-50 measured in the same
   python benchmarks/train_step.py --models randwire_c109 resnet50 --rounds 3 --json out.json
   python benchmarks/train_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 
-Model specs: ``name[:wiring][+option...]`` with options ``unfused`` (the node-by-node reference
-path, ``fused=False``), ``recompute`` (per-node checkpointing, implies ``unfused``) and ``fold``
+Model specs: ``name[:wiring][+option...]`` with options ``reference``, ``recompute`` and
+``fused`` (the stages' ``execution``, ``rwdet.nn.execution``; none: ``auto``) and ``fold``
 (inference runs on ``rwdet.nn.fuse_for_inference(model)``: BN folded into the convs, gates
 precomputed; it works on the torchvision baselines too, whose eval mode keeps BN as a separate
 op, so ``resnet50+fold`` is the fair baseline for a folded model).
@@ -42,10 +42,11 @@ sys.path.insert(0, ROOT)
 from benchmarks._common import base_environment, median_rows, peak_bytes, run_json_worker  # noqa: E402
 
 BASELINE = "resnet50"
+EXECUTION_OPTIONS = ("reference", "recompute", "fused")
 DEFAULT_MODELS = [
     "resnet50",
     "randwire_c109",
-    "randwire_c109+unfused",
+    "randwire_c109+reference",
     "randwire_small",
     "mobilenet_v2",
     "randwire_c154",
@@ -63,18 +64,20 @@ def build(spec: str, overrides: dict):
 
     spec, *options = spec.split("+")
     for opt in options:
-        if opt not in ("unfused", "recompute", "fold"):
-            raise ValueError(f"model option +{opt} is not known; use +unfused, +recompute, +fold")
-    options = [opt for opt in options if opt != "fold"]  # applied to the eval model (folded)
+        if opt not in (*EXECUTION_OPTIONS, "fold"):
+            known = ", ".join(f"+{o}" for o in (*EXECUTION_OPTIONS, "fold"))
+            raise ValueError(f"model option +{opt} is not known; use {known}")
+    executions = [opt for opt in options if opt in EXECUTION_OPTIONS]
+    if len(executions) > 1:
+        raise ValueError(f"model options {executions} name two executions; give one")
     name, _, wiring = spec.partition(":")
     if name in ("resnet50", "mobilenet_v2"):
         return getattr(torchvision.models, name)()
     if name not in list_models():
         return None
     kwargs = dict(overrides)
-    for opt in options:
-        kwargs["fused"] = False
-        kwargs["recompute"] = kwargs.get("recompute", False) or opt == "recompute"
+    if executions:
+        kwargs["execution"] = executions[0]
     if wiring:
         kwargs["wiring"] = wiring
     return build_model(name, **kwargs)

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, weights_only loads, RNG state, architecture/graph checks.
+"""Checkpoints: the training state's schema, atomic writes, weights_only loads, RNG state,
+architecture/graph checks.
 
 A checkpoint is a ``torch.save``d dict of tensors and plain Python values (weights_only-safe):
 "model" (plain state_dict), "model_spec" ({"name", "kwargs"}), "graphs" (edge lists,
@@ -8,6 +9,8 @@ guard's running loss level), "graphs_fingerprint" (of "graphs": every load check
 against it with ``rwdet.models.verify.verify_graphs``, so an edited graph is refused). The
 Detectron2 converter reads "model", "model_spec" and "graphs"; a model is rebuilt from them with
 ``build_model(spec["name"], graphs=graphs_from_dict(ckpt["graphs"]), **spec["kwargs"])``.
+``TrainState`` writes and reads that dict; the keys are those of every earlier release, so runs
+started before it resume.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import os
 import pickle
 import random
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from rwdet.atomic import atomic_write
 from rwdet.atomic import remove_stale_temp_files as _remove_stale_temp_files
+from rwdet.checkpoint_io import model_record
 from rwdet.graphs import graphs_fingerprint, graphs_from_dict
 
 LAST, BEST = "last.pth", "best.pth"
@@ -113,7 +118,9 @@ def nonfinite_tensors(state_dict: dict) -> list[str]:
 
 def check_model_spec(ckpt: dict, spec: dict, path: str, eval_only: bool = False) -> None:
     """Raise ``CheckpointMismatchError`` unless the checkpoint holds the requested model."""
-    have = ckpt["model_spec"]
+    from rwdet.models.artifact import upgrade_spec
+
+    have = upgrade_spec(ckpt["model_spec"])  # keywords renamed since it was written (k -> keep)
     ignore = EVAL_NEUTRAL_KWARGS if eval_only else ()
     diffs = []
     if have.get("name") != spec["name"]:
@@ -136,6 +143,100 @@ def check_model_spec(ckpt: dict, spec: dict, path: str, eval_only: bool = False)
         "--output-dir (or --no-resume) to start a new run"
     )
     raise CheckpointMismatchError(msg)
+
+
+# ---------------------------------------------------------------------------- training state
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the model, and where this run keeps its checkpoints.
+
+    ``iteration`` counts optimizer steps over the whole run (the schedule, the sampler position
+    and the epoch are functions of it); ``metrics`` holds ``best_top1`` and the last eval's
+    ``top1``/``top5``; ``skipped_train`` counts unreadable training images over all ranks.
+    ``saved_iteration`` and ``moved_to`` are this process's record of what it wrote or moved
+    (for the message of a run that stops on divergence), not saved.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # classification.schedule.LrSchedule
+    scaler: torch.amp.GradScaler
+    ema: object | None  # classification.ema.ModelEMA
+    guard: object  # classification.divergence.DivergenceGuard
+    iters_per_epoch: int
+    classes: list
+    last_path: str
+    iteration: int = 0
+    skipped_train: int = 0
+    metrics: dict = field(default_factory=lambda: {"best_top1": -1.0})
+    saved_iteration: int | None = None
+    moved_to: str | None = None
+
+    def to_checkpoint(self, model: torch.nn.Module, config: dict, rng: list, world: int) -> dict:
+        """The checkpoint dict (``rng``: every rank's ``rng_state()``, gathered by the caller;
+        ``config`` as plain dicts)."""
+        epoch, start_batch = divmod(self.iteration, self.iters_per_epoch)
+        ema = self.ema
+        return {
+            **model_record(unwrap(model)),
+            "ema": ema.state_dict() if ema is not None else None,
+            "ema_updates": ema.updates if ema is not None else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": epoch,
+            "iteration": self.iteration,
+            "rng": rng,
+            "sampler": {  # the data order is a function of (seed, epoch); position = start_batch
+                "seed": config["seed"],
+                "epoch": epoch,
+                "start_batch": start_batch,
+                "iters_per_epoch": self.iters_per_epoch,
+                "world": world,
+            },
+            "config": config,
+            "metrics": dict(self.metrics),
+            "classes": list(self.classes),
+            "skipped_train": self.skipped_train,
+            "guard": self.guard.state_dict(),
+        }
+
+    def restore(self, ckpt: dict, model: torch.nn.Module, rank: int, world: int) -> bool:
+        """Load everything needed to continue exactly. Returns False (and continues from the
+        start of the checkpoint's epoch) when it was written with another number of iterations
+        per epoch or of processes, where the RNG streams cannot continue."""
+        model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 0))
+        self.metrics.update(ckpt.get("metrics") or {})
+        self.skipped_train = int(ckpt.get("skipped_train", 0))
+        self.guard.load_state_dict(ckpt.get("guard"))  # the level of the run resumed
+        it, ipe = int(ckpt["iteration"]), self.iters_per_epoch
+        old = ckpt.get("sampler") or {}
+        rng = ckpt.get("rng") or []
+        exact = old.get("iters_per_epoch") == ipe and old.get("world") == world
+        if exact and len(rng) == world:
+            set_rng_state(rng[rank])
+            self.iteration = it
+            return True
+        self.iteration = (it // old.get("iters_per_epoch", ipe)) * ipe
+        return False
+
+    def kept_checkpoint(self) -> str:
+        """What a diverged run leaves behind, for its error message."""
+        path = self.last_path
+        if self.saved_iteration is not None:
+            return f"The last good checkpoint is kept: {path} (iteration {self.saved_iteration})"
+        if os.path.isfile(path):
+            return f"The last good checkpoint is kept: {path}, untouched by this run"
+        if self.moved_to:
+            return f"This run saved nothing; the previous run's checkpoints are in {self.moved_to}"
+        return "No checkpoint was written yet"
 
 
 # ---------------------------------------------------------------------------- RNG state

@@ -1,196 +1,83 @@
-"""Training configuration: commented defaults, YAML recipes and command-line overrides.
+"""Training configuration: commented ``CfgNode`` defaults, YAML recipes, command-line overrides.
 
-Resolution order (later wins): ``DEFAULTS`` -> the Fashion-MNIST profile (only when neither a
-config file nor ``--data`` is given, so that ``train_cls.py --gen ws`` is a small CPU run) ->
-``--config FILE`` -> flags such as ``--epochs`` -> dotted ``key=value`` overrides. Recipes and
-override values are read by a safe YAML loader with YAML 1.2 scalars; nothing is ever evaluated
-as code. Unknown keys are errors, so a typo cannot silently do nothing, and every value is
-checked against its key's rule in ``SCHEMA`` once the sources are merged, so a bad value is one
-line naming the key instead of a traceback from deep inside the trainer.
+Resolution order (later wins): the defaults (``classification/defaults.py``, one comment per
+key) -> the Fashion-MNIST profile (only when neither a config file nor ``--data`` is given, so
+that ``train_cls.py --gen ws`` is a small CPU run) -> ``--config FILE`` (and the ``_BASE_``
+files it names) -> flags such as ``--epochs`` -> ``KEY VALUE`` overrides after the flags, as
+detectron2's ``opts`` (``optim.lr 0.05 model.kwargs.dropout 0.1``). ``resolve`` returns a frozen
+fvcore ``CfgNode``: item access (``cfg["optim"]["lr"]``) and attribute access
+(``cfg.optim.lr``) both work.
+
+Design decisions (rwdet issue #15, item 3):
+
+- Keys stay lower case (``optim.lr``): fvcore's ``CfgNode`` does not require upper case, and
+  every recipe, study spec and command line written so far keeps working.
+- The ``CfgNode`` is the container and the declaration of the keys, not the merger.
+  ``merge_from_file`` falls back to ``yaml.unsafe_load`` on an unknown tag when
+  ``allow_unsafe`` (detectron2's default) and otherwise reads YAML 1.1 (``1e-4`` a string,
+  ``off`` False); yacs's ``merge_from_list`` reads values with ``ast.literal_eval``. Neither is
+  called: recipes (and their ``_BASE_`` chain, resolved as fvcore does) and override values
+  are read by ``_Loader``, a ``SafeLoader`` with YAML 1.2 scalars; nothing runs as code.
+- yacs's type coercion (a float key refuses ``1``, a None default takes anything) is not used:
+  ``SCHEMA`` (one rule per key) stays the single place that checks values, once every source
+  is merged, so a bad value is one line naming the key, the value and a fix.
+- Unknown keys are errors naming the closest valid key, so a typo cannot silently do nothing.
+- The free-form sections (``model.gen_params``, ``model.kwargs``: ``new_allowed`` in the
+  defaults) hold plain dicts in the resolved config: they are passed to ``build_model`` as
+  they are and end up in checkpoints, which ``torch.load(weights_only=True)`` must read.
+  For the same reason a checkpoint stores ``to_dict(cfg)``, never the ``CfgNode``.
+- The old ``key=value`` override form still works; ``tools/train_cls.py`` prints one
+  deprecation line naming the ``KEY VALUE`` form to type (``split_overrides``).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
 import os
 import re
+import shlex
+import textwrap
 from typing import NamedTuple
 
 import yaml
+from fvcore.common.config import BASE_KEY, CfgNode
 
+from classification.defaults import (
+    FASHION_MNIST_DIR,  # noqa: F401  (re-exported: tools/export.py reads it from here)
+    free_form_sections,
+    get_defaults,
+    key_comments,
+)
 from rwdet.models.args import GEN_CHOICES, NODE_OP_CHOICES  # live registry views
 from rwdet.run.errors import UserError
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 DATA_NAMES = ("auto", "imagenet", "fashion_mnist", "cifar10", "cifar100")
 # data.root given as NAME:PATH names the dataset (--data cifar10:/data/cifar).
 _PREFIXED_ROOT = re.compile(r"^(imagenet|cifar10|cifar100):(.+)$")
 
-DEFAULTS: dict = {
-    # Run name; the output dir defaults to output/cls/<name>. None: derived from data and model.
-    "name": None,
-    # Where logs, metrics, TensorBoard events, the resolved config and checkpoints go.
-    "output_dir": None,
-    # "auto" (CUDA when available, else CPU), "cuda" or "cpu".
-    "device": "auto",
-    # Intra-op CPU threads for torch (torch.set_num_threads); None: torch's default.
-    "threads": None,
-    # Training seed: weight init, data order, augmentation, dropout, edge drop. Graphs use
-    # model.seed, so the same wiring can be trained with several training seeds.
-    "seed": 0,
-    # A checkpoint written by train_cls.py. With eval.only it is evaluated; otherwise training
-    # starts from its weights (fine-tuning: graphs from the checkpoint, checked against the
-    # model asked for; optimizer, schedule and epoch start afresh). A resumed run continues its
-    # own last.pth instead. None: train from a random initialisation.
-    "weights": None,
-    # Fine-tuning: false re-initialises classifier tensors whose shape differs (another class
-    # count) and says which; true requires every tensor to fit. Other differences are errors.
-    "weights_strict": False,
-    "model": {
-        # A model registered in rwdet.models (rwdet.models.list_models()).
-        "name": "randwire_small",
-        # RandWire stage-graph generator: "er", "ba", "ws" or "complete"; None: the model's own.
-        "gen": None,
-        # Generator parameters (er: p; ba: m; ws: k, p); missing ones take the paper's defaults.
-        "gen_params": {},
-        # Graph seed: stage i uses rwdet.graphs.stage_seed(seed, i) (the paper uses 1..5);
-        # None: the model's own default. Every key left None here is not passed to the model.
-        "seed": None,
-        # Wiring mode ("static" = RandWire, or a learned mode); None: the model's own.
-        "wiring": None,
-        # N, nodes per stage; None: the model's own default (32).
-        "nodes": None,
-        # C, the base width; None: the model's own default (78, 109 or 154), re-chosen to keep
-        # FLOPs for another node_op (RandWire Figure 6).
-        "channels": None,
-        # Node operation: "sepconv" (paper default), "conv", "maxpool", "avgpool"; None: default.
-        "node_op": None,
-        # Any other build_model keyword (dropout, edge_drop, stem, head_channels, ...).
-        "kwargs": {},
-    },
-    "data": {
-        # "auto" (fashion_mnist without data.root, else imagenet, or the name in a root given as
-        # NAME:PATH), "imagenet", "fashion_mnist", "cifar10" or "cifar100".
-        "name": "auto",
-        # Folder in ImageNet layout: ROOT/train/<class>/* and ROOT/val/<class>/* (or validation);
-        # for cifar10/cifar100 the root torchvision's CIFAR10(root) takes (or the batches folder
-        # itself), also written cifar10:PATH / cifar100:PATH.
-        "root": None,
-        # Fashion-MNIST idx files (train-images-idx3-ubyte.gz, ...).
-        "fashion_mnist_dir": FASHION_MNIST_DIR,
-        # Training crop (RandomResizedCrop for imagenet; resize of the 28 px images otherwise).
-        "train_size": 224,
-        # Evaluation crop (the RandWire paper's Table 4 evaluates at 320).
-        "test_size": 224,
-        # Evaluation resize before the center crop; None: test_size / 0.875 (256 for 224).
-        "test_resize": None,
-        # Data-loading worker processes per training process (0: load in the main process).
-        "workers": 8,
-        # Pinned host memory for faster host-to-GPU copies (ignored on CPU).
-        "pin_memory": True,
-        # Train on a fixed, seeded random subset of this many images; None: all of them.
-        "train_subset": None,
-        # Decode training JPEGs on the GPU (torchvision.io.decode_jpeg, device="cuda") instead of
-        # PIL in the workers: for GPU machines with few CPU cores. ImageNet layout only.
-        "gpu_decode": False,
-    },
-    "optim": {
-        # "sgd", or "adam" (torch.optim.Adam, default betas; momentum and nesterov unused): the
-        # edge-popup paper's learned-dense Adam baseline (§4.1), without lr decay there (give
-        # schedule.milestones=[0.5] with schedule.gamma=1.0 for a constant lr).
-        "name": "sgd",
-        # SGD learning rate at optim.reference_batch; scaled linearly with the global batch.
-        "lr": 0.1,
-        # Batch size the lr is stated for (Goyal et al.: 0.1 per 256 images).
-        "reference_batch": 256,
-        # SGD momentum.
-        "momentum": 0.9,
-        # Nesterov momentum.
-        "nesterov": False,
-        # L2 weight decay on every trainable parameter.
-        "weight_decay": 5e-5,
-        # Label smoothing coefficient of the cross-entropy loss.
-        "label_smoothing": 0.1,
-        # Clip the global gradient norm to this value; None: no clipping.
-        "clip_grad": None,
-    },
-    "schedule": {
-        # Training epochs.
-        "epochs": 100,
-        # Linear warmup length in epochs (may be fractional); 0: no warmup.
-        "warmup_epochs": 5.0,
-        # Warmup starts at this fraction of the (scaled) lr and rises linearly to 1. None: Goyal
-        # et al.'s rule, start at the reference-batch lr (factor reference_batch / global batch,
-        # capped at 1: no warmup at or below the reference batch).
-        "warmup_factor": None,
-        # Step decay instead of the cosine: epochs at which the lr is multiplied by
-        # schedule.gamma (the DNW small-scale recipe: [80, 120] of 160). Empty: cosine.
-        "milestones": [],
-        # Factor applied to the lr at each of schedule.milestones.
-        "gamma": 0.1,
-    },
-    "train": {
-        # Global batch size (summed over all processes); must divide by the process count.
-        "batch_size": 256,
-        # Mixed precision on CUDA: "bf16", "fp16" (with a gradient scaler) or "off".
-        "amp": "off",
-        # Use the channels_last memory format for the model and the inputs.
-        "channels_last": False,
-        # Wrap the model in torch.compile.
-        "compile": False,
-        # Convert BatchNorm to SyncBatchNorm when running on several CUDA processes.
-        "sync_bn": False,
-        # Keep an exponential moving average of the weights (evaluated next to the model).
-        "ema": False,
-        # EMA decay per iteration (ramped up from 0.1 over the first iterations).
-        "ema_decay": 0.9999,
-        # Log a plain line (off a terminal), JSON metrics and TensorBoard every this many steps.
-        "log_period": 50,
-        # Also write last.pth every this many iterations (0: only at the end of each epoch).
-        "checkpoint_period": 0,
-        # Evaluate every this many epochs (the last epoch is always evaluated).
-        "eval_period": 1,
-        # Before each evaluation, recompute BatchNorm statistics on this many training images
-        # (precise BN; useful for short runs whose running averages lag). 0: off.
-        "precise_bn": 0,
-        # Log params and FLOPs (fvcore) at the start.
-        "complexity": True,
-        # true: resume from <output_dir>/last.pth when it exists; false: start afresh; or a path.
-        # A run that does not continue <output_dir>/last.pth (false, or another path) first moves
-        # the folder's last.pth, best.pth, metrics.jsonl, config.yaml and tb/ into
-        # <output_dir>/previous/<UTC time>/ (logged): a new run never replaces a good checkpoint.
-        "resume": True,
-        # Divergence guard, checked at every logged window (train.log_period) and before every
-        # save; a diverged run stops with the last good checkpoint untouched. A window's loss
-        # counts as a spike above max(divergence_factor x its running mean (an EMA over the
-        # windows), running mean + divergence_margin); divergence_patience spikes in a row stop
-        # the run, and a save due right after a spiking window stops it too.
-        "divergence_factor": 10.0,
-        # Absolute slack in loss units (nats) above the running mean, for nearly-zero losses.
-        "divergence_margin": 2.0,
-        # Consecutive logged windows above the limit that stop the run.
-        "divergence_patience": 3,
-        # Stop when any trainable weight's magnitude exceeds this (a healthy run stays far
-        # below); 0: no bound. NaN/Inf losses or weights always stop the run.
-        "divergence_max_weight": 1.0e4,
-    },
-    "eval": {
-        # Only evaluate the checkpoint given as weights (no training).
-        "only": False,
-        # Global evaluation batch size.
-        "batch_size": 256,
-        # Evaluate the checkpoint's EMA weights instead of the model weights (eval.only).
-        "ema": False,
-    },
-}
+
+def to_dict(cfg) -> dict:
+    """``cfg`` as plain nested dicts and lists: what YAML dumps, JSON and checkpoints hold
+    (``torch.load(weights_only=True)`` cannot rebuild a ``CfgNode``)."""
+    if isinstance(cfg, dict):
+        return {key: to_dict(value) for key, value in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(value) for value in cfg]
+    return cfg
+
+
+# The defaults as plain nested dicts (the merge below works on these).
+DEFAULTS: dict = to_dict(get_defaults())
 
 # ---------------------------------------------------------------------------- value rules
 
-# Sections whose keys are not fixed: they pass through to the model (and are replaced whole).
-_FREE_FORM = {"model.gen_params", "model.kwargs"}
+# Sections whose keys are not fixed (new_allowed in the defaults): they pass through to the
+# model (and a mapping given for the section replaces it whole).
+_FREE_FORM = free_form_sections()
 
 
 class Rule(NamedTuple):
@@ -339,13 +226,19 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
     for key, value in (update or {}).items():
         path = f"{where}{key}"
         if key not in out:
+            close = difflib.get_close_matches(str(key), [str(k) for k in out], n=1)
+            hint = f" (did you mean {where + close[0]!r}?)" if close else ""
             raise UserError(
-                f"unknown config key {path!r}; valid keys here: {sorted(out)} "
-                f"(see classification/config.py)"
+                f"unknown config key {path!r}{hint}; valid keys here: {sorted(out)} "
+                f"(see classification/defaults.py)"
             )
         if isinstance(out[key], dict) and path not in _FREE_FORM:
             if not isinstance(value, dict):
-                raise UserError(f"config key {path!r} is a section; give a mapping, not {value!r}")
+                first = next(iter(out[key]))
+                raise UserError(
+                    f"config key {path!r} is a section; give a mapping, not {value!r} "
+                    f"(or set one of its keys, e.g. {path}.{first} VALUE)"
+                )
             out[key] = merge(out[key], value, path + ".")
         else:
             out[key] = copy.deepcopy(value)
@@ -359,6 +252,11 @@ class _Loader(yaml.SafeLoader):
     ``off``, ``no``, ``on`` are booleans: ``optim.lr=1e6`` reached the trainer as text and
     ``train.amp=off`` as False. Python tags stay refused (SafeLoader's constructors).
     """
+
+
+class _Dumper(yaml.SafeDumper):
+    """A safe dumper that quotes strings ``_Loader`` or PyYAML's YAML 1.1 would not read back
+    as strings."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -378,6 +276,11 @@ for _tag, _regexp, _first in (
     _Loader.add_implicit_resolver(
         f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_regexp})$"), list(_first)
     )
+    # The dumper knows both readings, so it quotes a string that either would take for a
+    # number or a boolean ("1e5", "off"): config.yaml reads back the same with any loader.
+    _Dumper.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_regexp})$"), list(_first)
+    )
 
 
 def _safe_load(stream):
@@ -390,6 +293,7 @@ def _safe_load(stream):
 
 
 def load_yaml(path: str) -> dict:
+    """One YAML file through the safe loader; it must hold a mapping (or nothing)."""
     if not os.path.isfile(path):
         raise UserError(
             f"config file {path!r} does not exist; recipes live in {CONFIG_DIR}/ "
@@ -399,12 +303,50 @@ def load_yaml(path: str) -> dict:
         try:
             data = _safe_load(f)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path!r} is not valid YAML: {e}") from None
+            raise UserError(
+                f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}"
+            ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path!r} must hold a mapping at the top level")
     return data
+
+
+def load_recipe(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A recipe with its ``_BASE_`` chain merged under it (fvcore's rule: a base path is
+    relative to the file that names it; later files win, a mapping given for a free-form
+    section replaces it whole). Every file goes through the safe loader."""
+    real = os.path.realpath(path)
+    if real in _seen:
+        raise UserError(
+            f"config file {path!r} names itself in its {BASE_KEY} chain; remove the loop"
+        )
+    data = load_yaml(path)
+    bases = data.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(
+            f"config file {path!r}: {BASE_KEY} must be a file name or a list of them, not {bases!r}"
+        )
+    out: dict = {}
+    for base in bases:
+        base = os.path.expanduser(base)
+        if not os.path.isabs(base):
+            base = os.path.join(os.path.dirname(path), base)
+        out = _merge_recipes(out, load_recipe(base, (*_seen, real)))
+    return _merge_recipes(out, data)
+
+
+def _merge_recipes(base: dict, update: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in _FREE_FORM:
+            out[key] = _merge_recipes(out[key], value, path + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def list_recipes() -> list[str]:
@@ -413,20 +355,86 @@ def list_recipes() -> list[str]:
     return sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith((".yaml", ".yml")))
 
 
-def parse_override(item: str) -> dict:
-    """``"optim.lr=0.05"`` -> ``{"optim": {"lr": 0.05}}`` (value parsed as a YAML scalar).
+# ---------------------------------------------------------------------------- overrides
 
-    A name or a path is taken as typed (``name=2024``, ``data.root=/data/[x]``), not as YAML.
+# A config key as typed before "=" in the deprecated form (letters, digits, _ and dots).
+_OLD_FORM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\s*=(.*)$", re.S)
+
+
+class Override(NamedTuple):
+    """One override: the dotted key and its value as typed (parsed by ``parse_override``)."""
+
+    key: str
+    raw: str
+
+
+def split_overrides(tokens: list[str] | None) -> tuple[list[Override], list[str]]:
+    """The command line's trailing tokens as ``KEY VALUE`` pairs, and the tokens written in
+    the deprecated ``key=value`` form (accepted, for the caller to warn about).
+
+    A token in a key's place is a ``key=value`` item when it starts with a dotted name and
+    "="; a token in a value's place is always the value, "=" or not (``name a=b``).
     """
-    if "=" not in item:
-        raise UserError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.05)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
+    pairs: list[Override] = []
+    old: list[str] = []
+    tokens = list(tokens or [])
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        match = _OLD_FORM.match(token)
+        if match:
+            pairs.append(Override(match.group(1), match.group(2)))
+            old.append(token)
+            i += 1
+            continue
+        if i + 1 == len(tokens):
+            raise UserError(_dangling(pairs, token))
+        pairs.append(Override(token.strip(), tokens[i + 1]))
+        i += 2
+    return pairs, old
+
+
+def _dangling(pairs: list[Override], last: str) -> str:
+    """The error for an odd token count, naming the key that most likely lost its value: a
+    pair whose value is itself a config key (``optim.lr train.ema true``), else the last."""
+    key = next((k for k, raw in pairs if raw in SCHEMA), last)
+    rule = SCHEMA.get(key)
+    example = _as_command(key, rule.example) if rule else f"{key} VALUE"
+    return f"config overrides come in KEY VALUE pairs; {key!r} has no value (e.g. {example})"
+
+
+def deprecation_note(old: list[str]) -> str:
+    """The one line telling a user of ``key=value`` overrides what to type instead."""
+    pairs, _ = split_overrides(old)
+    new = " ".join(f"{key} {shlex.quote(raw)}" for key, raw in pairs)
+    return (
+        f"note: key=value overrides are deprecated and will be removed; type KEY VALUE "
+        f"pairs instead: {new}"
+    )
+
+
+def _as_command(key: str, value) -> str:
+    """``key value`` as typed in a shell (the value quoted where the shell would split it)."""
+    return f"{key} {shlex.quote(_as_text(value))}"
+
+
+def parse_override(key: str, raw: str) -> dict:
+    """``("optim.lr", "0.05")`` -> ``{"optim": {"lr": 0.05}}`` (the value read as YAML by
+    the safe loader: a number, a list, a mapping, null; a python tag is refused).
+
+    A name or a path is taken as typed (``name 2024``, ``data.root /data/[x]``), not as YAML.
+    """
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*", key):
+        raise UserError(
+            f"override key {key!r} is not a dotted config key; overrides come in KEY VALUE "
+            "pairs (e.g. optim.lr 0.05)"
+        )
     try:
         value = _safe_load(raw) if raw != "" else None
     except yaml.YAMLError as e:
         raise UserError(
-            f"override {item!r}: cannot parse value {raw!r}: {' '.join(str(e).split())}"
+            f"override {key} {raw!r}: cannot parse the value: {' '.join(str(e).split())} "
+            f"(quote a value that holds spaces, e.g. {key} '{{a: 1, b: 2}}')"
         ) from None
     rule = SCHEMA.get(key)
     if rule and rule.kind is str and not rule.choices and value is not None:
@@ -442,53 +450,58 @@ def parse_override(item: str) -> dict:
 
 def resolve(
     config_file: str | None = None, flags: dict | None = None, overrides: list | None = None
-) -> dict:
-    """The full config: defaults, profile, recipe, flags (a partial config dict), overrides."""
+) -> CfgNode:
+    """The full config, frozen: defaults, profile, recipe, flags (a partial config dict),
+    overrides (the command line's trailing tokens: ``KEY VALUE`` pairs, or ``key=value``)."""
     flags = copy.deepcopy(flags or {})
-    recipe = load_yaml(config_file) if config_file else {}
+    pairs, _ = split_overrides(overrides)
+    updates = [(key, parse_override(key, raw)) for key, raw in pairs]
+    recipe = load_recipe(config_file) if config_file else {}
     cfg = copy.deepcopy(DEFAULTS)
     data_root = _lookup(flags, "data.root", _lookup(recipe, "data.root", None))
     if not config_file and data_root is None:
         cfg = merge(cfg, FASHION_MNIST_PROFILE)
     cfg = merge(cfg, recipe)
-    # Another model (--model, or a model.name= override) drops the recipe's (or the embedded
+    # Another model (--model, or a model.name override) drops the recipe's (or the embedded
     # demo's) model keywords: RandWire's generator, width and stem mean nothing to Conv4.
     name = (flags.get("model") or {}).get("name")
-    for item in overrides or []:
-        if item.split("=", 1)[0].strip() == "model.name":
-            name = parse_override(item)["model"]["name"]
+    for key, update in updates:
+        if key == "model.name":
+            name = update["model"]["name"]
     if name is not None and name != cfg["model"]["name"]:
         cfg["model"] = copy.deepcopy(DEFAULTS["model"])
-    # Another generator (--gen, or a model.gen= override, the last one winning) drops the
+    # Another generator (--gen, or a model.gen override, the last one winning) drops the
     # recipe's parameters; the command line's own (--k/--p/--m, model.gen_params.*) stay.
     gen = (flags.get("model") or {}).get("gen")
-    for item in overrides or []:
-        if item.split("=", 1)[0].strip() == "model.gen":
-            gen = parse_override(item)["model"]["gen"]
+    for key, update in updates:
+        if key == "model.gen":
+            gen = update["model"]["gen"]
     if gen is not None and gen != cfg["model"]["gen"]:
         cfg["model"]["gen_params"] = {}
     gen_params = (flags.get("model") or {}).pop("gen_params", None)
     cfg = merge(cfg, flags)
     if gen_params:
         cfg["model"]["gen_params"] = {**cfg["model"]["gen_params"], **gen_params}
-    for item in overrides or []:
-        cfg = apply_override(cfg, item)
+    for key, update in updates:
+        cfg = _apply(cfg, key, update)
 
     def origin(path, value):
         found = _lookup(recipe, path, _MISSING)
         return f" in {config_file}" if found is not _MISSING and found == value else ""
 
-    return finalize(check(cfg, origin))
+    return to_cfgnode(finalize(check(cfg, origin)))
 
 
-def apply_override(cfg: dict, item: str) -> dict:
-    """One ``key=value`` override on a full config.
+def apply_override(cfg: dict, key: str, raw: str) -> dict:
+    """One ``KEY VALUE`` override on a full config (a new dict; ``cfg`` is left alone).
 
-    Inside a free-form section (``model.kwargs.dropout=0.3``) it sets that one key and keeps
-    the section's others; ``model.kwargs={...}`` still replaces the section whole.
+    Inside a free-form section (``model.kwargs.dropout 0.3``) it sets that one key and keeps
+    the section's others; ``model.kwargs '{...}'`` replaces the section whole.
     """
-    update = parse_override(item)
-    key = item.split("=", 1)[0].strip()
+    return _apply(cfg, key, parse_override(key, raw))
+
+
+def _apply(cfg: dict, key: str, update: dict) -> dict:
     for section in _FREE_FORM:
         if key.startswith(section + "."):
             head, name = section.split(".")
@@ -545,7 +558,7 @@ def _checked(path: str, value, rule: Rule, origin=None):
     where = origin(path, value) if origin else ""
     raise UserError(
         f"config key {path}={value!r}{where}: expected {_expected(rule)} "
-        f"(e.g. {path}={_as_text(rule.example)})"
+        f"(e.g. {_as_command(path, rule.example)})"
     )
 
 
@@ -622,9 +635,9 @@ def finalize(cfg: dict) -> dict:
     if bad or stones != sorted(set(stones)) or (stones and stones[-1] >= epochs):
         raise UserError(
             f"config key schedule.milestones={stones!r}: expected increasing epochs between 0 "
-            f"and schedule.epochs={epochs}; with --epochs {epochs}, e.g. schedule.milestones="
-            f"[{epochs * 0.5:g}, {epochs * 0.75:g}] (half and three quarters, as DNW's 80/120 of "
-            "160), or schedule.milestones=[] for the cosine"
+            f"and schedule.epochs={epochs}; with --epochs {epochs}, e.g. schedule.milestones "
+            f"'[{epochs * 0.5:g}, {epochs * 0.75:g}]' (half and three quarters, as DNW's 80/120 "
+            "of 160), or schedule.milestones '[]' for the cosine"
         )
     if cfg["eval"]["only"] and not cfg["weights"]:
         raise UserError("--eval-only needs --weights PATH (a checkpoint written by train_cls.py)")
@@ -664,7 +677,9 @@ def run_name(cfg: dict) -> str:
     for key, prefix in (("channels", "c"), ("nodes", "n"), ("node_op", "")):
         if m[key] is not None:
             parts.append(f"{prefix}{_name_part(m[key])}")
-    parts += [f"{_name_part(k)}-{_name_part(v)}" for k, v in sorted(m["kwargs"].items())]
+    # ``keep`` (the fraction kept) was ``k`` before #15: named so, runs started then resume.
+    named = {("k" if k == "keep" else k): v for k, v in m["kwargs"].items()}
+    parts += [f"{_name_part(k)}-{_name_part(v)}" for k, v in sorted(named.items())]
     if m["seed"] is not None:
         parts.append(f"seed{m['seed']}")
     name = "_".join(parts)
@@ -674,5 +689,48 @@ def run_name(cfg: dict) -> str:
     return name
 
 
-def to_yaml(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+def to_cfgnode(cfg: dict) -> CfgNode:
+    """A resolved config as a frozen ``CfgNode``; the free-form sections stay plain dicts
+    (build_model keywords, stored as they are in checkpoints, and never type-checked by yacs,
+    which knows only YAML's scalars and lists)."""
+    fixed = copy.deepcopy(to_dict(cfg))
+    for path in _FREE_FORM:
+        *sections, key = path.split(".")
+        parent = fixed
+        for section in sections:
+            parent = parent[section]
+        parent[key] = {}
+    node = CfgNode(fixed)
+    for path in _FREE_FORM:
+        *sections, key = path.split(".")
+        parent = node
+        for section in sections:
+            parent = parent[section]
+        dict.__setitem__(parent, key, to_dict(_lookup(cfg, path, {})))
+    node.freeze()
+    return node
+
+
+def to_yaml(cfg, comments: bool = True) -> str:
+    """The config as YAML that the recipe loader reads back unchanged; with ``comments``, each
+    key is preceded by its comment from classification/defaults.py (as pycls's dump)."""
+    plain = to_dict(cfg)
+    if not comments:
+        return yaml.dump(plain, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    notes = key_comments()
+    lines: list[str] = []
+
+    def emit(tree: dict, where: str, indent: str) -> None:
+        for key, value in tree.items():
+            path = where + str(key)
+            for note in textwrap.wrap(notes.get(path, ""), 96 - len(indent)):
+                lines.append(f"{indent}# {note}")
+            if isinstance(value, dict) and value and path not in _FREE_FORM:
+                lines.append(f"{indent}{key}:")
+                emit(value, path + ".", indent + "  ")
+            else:  # one flow-style line: "key: value"
+                text = yaml.dump([value], Dumper=_Dumper, default_flow_style=True, width=math.inf)
+                lines.append(f"{indent}{key}: {text.strip()[1:-1]}")
+
+    emit(plain, "", "")
+    return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from classification import trainer
+from classification import builders, trainer
 from classification.data import build_datasets
 from classification.distributed import init_distributed
 from rwdet.analysis.damage import damage_study, plot_damage, save_json
@@ -38,7 +38,7 @@ def run_damage(weights: str, data: str | None, out: str, max_images: int | None,
     model = file.build(strict=True)
     d = init_distributed("cpu" if not torch.cuda.is_available() else "auto")
     model.to(d.device)
-    loader = trainer.eval_loader(val_set, cfg, d)
+    loader = builders.eval_loader(val_set, cfg, d)
 
     def evaluate(m):
         return trainer.evaluate(m, loader, d, cfg, desc="damage")["top1"]

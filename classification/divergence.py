@@ -9,7 +9,7 @@ checkpoint written then would be called "good". The guard therefore also watches
   the run, and so does a save due while the latest window is such a spike;
 - the largest trainable weight magnitude against ``max_weight``.
 
-The limits are the ``train.divergence_*`` keys (classification/config.py); the running level
+The limits are the ``train.divergence_*`` keys (classification/defaults.py); the running level
 is saved in every checkpoint, so a resumed run compares against the level of the good run.
 All the inputs are summed over ranks (or identical on all ranks, as DDP weights are), so every
 rank stops at the same step.

@@ -43,6 +43,10 @@ def setup_logging(output_dir: str | None, is_main: bool) -> logging.Logger:
         fh.setFormatter(fmt)
         log.addHandler(fh)
         file_log.addHandler(fh)
+    # Which execution path the graph stages take (rwdet.nn.execution, once per model) is
+    # printed and kept in log.txt with the run's own lines.
+    logging.getLogger("rwdet.nn.execution").handlers = list(log.handlers)
+    logging.getLogger("rwdet.nn.execution").setLevel(logging.INFO)
     return log
 
 

@@ -5,6 +5,16 @@ In long runs the lr is near zero at the end and they agree with the final weight
 runs (the CPU demo, tests) they lag behind, and evaluation suffers. Re-estimating them over a
 fixed set of training images with the weights frozen (as pycls and Detectron2's PreciseBN
 hook do) removes the lag. It is off by default (``train.precise_bn: 0``).
+
+The estimate is pycls's ``compute_precise_bn_stats`` (``pycls/core/net.py``): the mean of the
+per-batch means and of the per-batch (Bessel-corrected) variances, then the mean over ranks.
+fvcore's ``update_bn_stats`` is not used because it estimates something else: the pinned
+version (0.1.5) takes the population variance of all values seen (Wu & Johnson, "Rethinking Batch in
+BatchNorm", appendix), which adds the spread between batch means. Tried here, it changed the
+evaluated accuracy of short runs (``tests/test_gpu_decode.py``'s CPU run: 94.4% -> 72.2% top-1
+on 18 images, identical training), i.e. the trainer's behaviour; it also rebinds the buffers
+(DDP's buffer broadcast and ``torch.compile`` hold the old tensors) and asserts when the loader
+yields fewer batches than asked (a batch of unreadable images).
 """
 
 from __future__ import annotations

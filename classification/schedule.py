@@ -1,5 +1,5 @@
 """Learning rate: linear scaling with the global batch, linear warmup, half-period cosine or
-step decay.
+step decay, as fvcore ``ParamScheduler``s (the classes Detectron2 builds its schedules from).
 
 - Linear scaling (Goyal et al. 2017): ``lr = optim.lr * global_batch / optim.reference_batch``.
   Recipes state the reference batch their lr belongs to (RandWire follows Goyal et al.:
@@ -12,14 +12,27 @@ step decay.
   epoch, as the DNW authors' small-scale recipe (``apps/small_scale/*.yml``: ``multistep`` at
   epochs 80 and 120 of 160, gamma 0.1), with the same warmup factor in front.
 
-The scheduler is a pure function of the iteration, so resuming restores it from one integer.
+The warmup *multiplies* the main schedule, as this trainer always did, where Detectron2's
+``WarmupParamScheduler`` interpolates linearly towards the main schedule's value at ``W``; a
+product keeps every iteration's lr identical to the earlier hand-written schedule (to 1e-12,
+``tests/test_cls_schedule.py``). fvcore locates an iteration with a 1e-6 tolerance in ``t/T``
+(``WHERE_EPSILON``): below 10^6 iterations that changes nothing; beyond, a milestone or the end
+of the warmup comes at most ``1e-6 T`` iterations early.
+
+The schedule is a pure function of the iteration, so resuming restores it from one integer.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+from fvcore.common.param_scheduler import (
+    CompositeParamScheduler,
+    ConstantParamScheduler,
+    CosineParamScheduler,
+    LinearParamScheduler,
+    MultiStepParamScheduler,
+    ParamScheduler,
+)
 
 
 def scaled_lr(lr: float, global_batch: int, reference_batch: int) -> float:
@@ -28,7 +41,50 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int) -> float:
     return lr * global_batch / reference_batch
 
 
-class CosineWarmup:
+class _Product(ParamScheduler):
+    """``main(t) * warmup(t)``: a multiplier in front of a schedule (fvcore composes schedules
+    only one after the other)."""
+
+    def __init__(self, main: ParamScheduler, factor: ParamScheduler):
+        self.main, self.factor = main, factor
+
+    def __call__(self, where: float) -> float:
+        return self.main(where) * self.factor(where)
+
+
+def param_scheduler(
+    lr: float,
+    total_iters: int,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.1,
+    milestones=(),
+    gamma: float = 0.1,
+) -> ParamScheduler:
+    """The lr as a function of ``where = iteration / total_iters`` in [0, 1]."""
+    if milestones:
+        # fvcore wants distinct milestones after 0; one that repeats (two epochs rounding to one
+        # iteration) or lies at 0 takes its gamma all the same, as it always did here.
+        stones = sorted(set(m for m in milestones if m > 0))
+        values = [lr * gamma ** sum(m <= s for m in milestones) for s in [0, *stones]]
+        main = MultiStepParamScheduler(values, num_updates=total_iters, milestones=stones)
+    else:
+        main = CosineParamScheduler(lr, 0.0)
+    if not warmup_iters or warmup_factor == 1.0:
+        return main
+    if warmup_iters >= total_iters:  # the whole run warms up
+        return _Product(main, LinearParamScheduler(warmup_factor, 1.0))
+    w = warmup_iters / total_iters
+    ramp = CompositeParamScheduler(
+        [LinearParamScheduler(warmup_factor, 1.0), ConstantParamScheduler(1.0)],
+        lengths=[w, 1.0 - w],
+        interval_scaling=["rescaled", "fixed"],
+    )
+    return _Product(main, ramp)
+
+
+class LrSchedule:
+    """Sets the optimizer's lr every iteration from an fvcore schedule over the whole run."""
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -36,24 +92,30 @@ class CosineWarmup:
         total_iters: int,
         warmup_iters: int = 0,
         warmup_factor: float = 0.1,
+        milestones=(),
+        gamma: float = 0.1,
     ):
         if total_iters < 1:
             raise ValueError(f"the schedule needs at least one iteration (got {total_iters})")
         if not 0.0 <= warmup_factor <= 1.0:
             raise ValueError(f"schedule.warmup_factor={warmup_factor} must lie in [0, 1]")
+        milestones = list(milestones)
+        if milestones != sorted(milestones) or not 0.0 < gamma <= 1.0:
+            raise ValueError(f"milestones {milestones} must be sorted and gamma={gamma} in (0, 1]")
         self.optimizer, self.lr = optimizer, lr
         self.total_iters, self.warmup_iters = total_iters, min(warmup_iters, total_iters)
         self.warmup_factor = warmup_factor
+        # A milestone at or past the end is never reached (fvcore refuses it).
+        reached = [m for m in milestones if m < total_iters]
+        self.scheduler = param_scheduler(
+            lr, total_iters, self.warmup_iters, warmup_factor, reached, gamma
+        )
         self.iteration = 0
 
     def lr_at(self, it: int) -> float:
-        lr = (
-            self.lr * 0.5 * (1.0 + math.cos(math.pi * min(it, self.total_iters) / self.total_iters))
-        )
-        if it < self.warmup_iters:
-            alpha = it / self.warmup_iters
-            lr *= self.warmup_factor * (1.0 - alpha) + alpha
-        return lr
+        if it >= self.total_iters:  # past the end (fvcore's warmup part stops before t/T = 1)
+            return getattr(self.scheduler, "main", self.scheduler)(1.0)
+        return self.scheduler(it / self.total_iters)
 
     def step(self, it: int) -> float:
         """Set the lr for iteration ``it`` (0-based, counted over the whole run)."""
@@ -64,7 +126,7 @@ class CosineWarmup:
         return lr
 
     def state_dict(self) -> dict:
-        return {
+        return {  # the keys checkpoints have always had
             "iteration": self.iteration,
             "lr": self.lr,
             "total_iters": self.total_iters,
@@ -75,20 +137,3 @@ class CosineWarmup:
     def load_state_dict(self, state: dict) -> None:
         # Only the position is restored: lr and length come from the (possibly extended) config.
         self.iteration = int(state["iteration"])
-
-
-class MultiStepWarmup(CosineWarmup):
-    """Step decay: ``lr * gamma^(milestones passed)``, milestones in iterations (sorted)."""
-
-    def __init__(self, optimizer, lr, total_iters, milestones, gamma=0.1, **warmup):
-        super().__init__(optimizer, lr, total_iters, **warmup)
-        if list(milestones) != sorted(milestones) or not 0.0 < gamma <= 1.0:
-            raise ValueError(f"milestones {milestones} must be sorted and gamma={gamma} in (0, 1]")
-        self.milestones, self.gamma = list(milestones), gamma
-
-    def lr_at(self, it: int) -> float:
-        lr = self.lr * self.gamma ** sum(it >= m for m in self.milestones)
-        if it < self.warmup_iters:
-            alpha = it / self.warmup_iters
-            lr *= self.warmup_factor * (1.0 - alpha) + alpha
-        return lr

@@ -3,7 +3,7 @@ resume and logs as a run started by hand), N at a time on CPU or one per GPU.
 
 A run counts as finished when its ``metrics.jsonl`` holds an evaluation at the last epoch of
 its schedule and ``last.pth`` exists: the trainer evaluates the last epoch after its final
-step and only then saves (see ``classification.trainer._train``), so that record is exactly
+step and only then saves (see ``classification.trainer.train_model``), so that record is exactly
 what it leaves behind when a run ends normally. Finished runs are skipped; any other run is
 started with the trainer's own auto-resume (``train.resume: true``), which continues an
 interrupted run from its ``last.pth``.

@@ -5,7 +5,8 @@ A spec holds (every key checked; an unknown or bad one is one line naming it):
 
 - ``name``, ``reproduces`` (free text for the docs and the table), ``data`` (``fashion_mnist``,
   ``cifar10``, ``cifar100``; ``--data NAME:ROOT`` on the command line replaces it).
-- ``config``: train_cls config keys shared by every run (classification/config.py's schema).
+- ``config``: train_cls config keys shared by every run (classification/defaults.py; checked
+  by classification/config.py's SCHEMA).
 - ``grid``: axes shared by every group, each a list of values; ``groups``: named run groups,
   each with its own ``grid`` (on top of the shared one; ``axis: null`` drops a shared axis),
   ``config``, ``label`` and ``baseline: true`` for a learned-dense reference drawn as a line.
@@ -15,10 +16,11 @@ A spec holds (every key checked; an unknown or bad one is one line naming it):
 - ``presets``: named overrides (``quick``): ``data``, ``config`` (merged), ``grid`` (axes
   replaced), ``groups: {NAME: {grid, config}}``, ``skip_groups``, ``note``.
 
-Axes (``AXES``) are the settings a study varies; each maps to one config key. ``fixed_k`` is
-Figure 5's: the fraction kept at width 1, turned into ``k`` at each width so that the number
-of kept weights stays that of width 1 (edge-popup §4.3, "c1, c2, c3 ... coincide with # of
-Parameters for k = [30, 50, 70] for width multiplier 1").
+Axes (``AXES``) are the settings a study varies; each maps to one config key (the axes ``k``
+and ``fixed_k`` keep the paper's name for the fraction kept; the models' keyword is ``keep``).
+``fixed_k`` is Figure 5's: the fraction kept at width 1, turned into ``keep`` at each width so
+that the number of kept weights stays that of width 1 (edge-popup §4.3, "c1, c2, c3 ...
+coincide with # of Parameters for k = [30, 50, 70] for width multiplier 1").
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from rwdet.run.errors import UserError
 AXES = {
     "model": "model.name",
     "wiring": "model.wiring",
-    "k": "model.kwargs.k",
-    "fixed_k": "model.kwargs.k",
+    "k": "model.kwargs.keep",
+    "fixed_k": "model.kwargs.keep",
     "width": "model.kwargs.width",
     "init": "model.kwargs.init",
     "scale": "model.kwargs.scale",
@@ -342,7 +344,7 @@ def expand(spec: dict, out_dir: str) -> list[dict]:
                         f"study {spec['name']}: fixed_k={axes['fixed_k']} at width {width} needs "
                         f"k={k:.3g} > 1 (the narrower net has fewer weights); drop that width"
                     )
-                _set(recipe, "model.kwargs.k", round(k, 6))
+                _set(recipe, "model.kwargs.keep", round(k, 6))
             name = run_name(group["name"], axes)
             if name in seen:
                 raise UserError(

@@ -42,7 +42,7 @@ TRAIN_MODELS="resnet50 randwire_c109 randwire_c154 randwire_small mobilenetv1_dn
 DET_MODELS="r50_fpn r101_fpn randwire_c109 randwire_c154"
 # 20 iterations: 1280 training images at a global batch of 64, one epoch.
 CLS_ARGS="--gen ws --epochs 1 --batch-size 64 --warmup-epochs 0 --no-resume --amp bf16"
-CLS_OPTS="data.train_subset=1280"
+CLS_OPTS="data.train_subset 1280"
 NET_OPTS="MODEL.RWDET.NAME randwire_small MODEL.RWDET.STEM imagenet SOLVER.MAX_ITER 20 SOLVER.CHECKPOINT_PERIOD 1000"
 export TRAIN_MODELS DET_MODELS CLS_ARGS CLS_OPTS NET_OPTS
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1"
@@ -65,7 +65,7 @@ gpu_train_cls() {
   [ -n "$FMNIST" ] || { echo "no Fashion-MNIST (set RWDET_FMNIST_DIR)"; return 1; }
   # shellcheck disable=SC2086
   NCCL_DEBUG=${NCCL_DEBUG:-WARN} $TORCHRUN tools/train_cls.py $CLS_ARGS --device cuda \
-    --output-dir "$OUT/runs/cls" $CLS_OPTS "data.fashion_mnist_dir=$FMNIST"
+    --output-dir "$OUT/runs/cls" $CLS_OPTS data.fashion_mnist_dir "$FMNIST"
 }
 gpu_train_net() {
   # shellcheck disable=SC2086

@@ -153,7 +153,7 @@ def test_split_without_one_readable_image_exits_2_before_any_checkpoint(tmp_path
     data, out = str(tmp_path / "data"), tmp_path / "out"
     make_image_folder(data, classes=2, train_per_class=8, val_per_class=2, size=16, bad=False)
     n = break_split(data, split)
-    extra = ["train.complexity=false", "train.precise_bn=0"]
+    extra = ["train.complexity", "false", "train.precise_bn", "0"]
     argv = tiny_args(data, str(out), epochs=1, extra=extra)
     assert load_tool().main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -19,7 +19,7 @@ from classification.checkpoint import load_checkpoint, move_previous_run
 from classification.config import DEFAULTS
 from classification.divergence import DivergenceError, DivergenceGuard
 
-FAST = ["train.complexity=false", "train.precise_bn=0"]
+FAST = ["train.complexity", "false", "train.precise_bn", "0"]
 
 
 def run_tool(data, out, capsys, epochs=3, extra=()):
@@ -45,7 +45,7 @@ def good_run(dataset, tmp_path_factory):
     data, _ = dataset
     out = str(tmp_path_factory.mktemp("good"))
     code = load_tool().main(
-        tiny_args(data, out, epochs=2, extra=[*FAST, "train.divergence_patience=1"])
+        tiny_args(data, out, epochs=2, extra=[*FAST, "train.divergence_patience", "1"])
     )
     assert code == 0, "the divergence guard fired on a normal run"
     return data, out
@@ -114,7 +114,7 @@ def test_huge_lr_on_resume_keeps_last_and_best_byte_identical(run_copy, capsys):
     data, out = run_copy
     files = {n: read(os.path.join(out, n)) for n in ("last.pth", "best.pth")}
     # A checkpoint is due after every step: the first diverged step must not be saved.
-    extra = ["optim.lr=1.0e+6", "train.checkpoint_period=1"]
+    extra = ["optim.lr", "1.0e+6", "train.checkpoint_period", "1"]
     code, _, err = run_tool(data, out, capsys, extra=extra)
     assert code == 2 and err.count("\n") == 1, err
     assert "diverged at iteration 27: a weight reached magnitude" in err, err
@@ -128,7 +128,7 @@ def test_loss_spike_stops_the_run_before_it_saves(run_copy, capsys):
     three spiking windows in a row stop it (the normal run above never spiked once)."""
     data, out = run_copy
     before = read(os.path.join(out, "last.pth"))
-    extra = ["--lr", "30", "train.divergence_max_weight=0"]
+    extra = ["--lr", "30", "train.divergence_max_weight", "0"]
     code, _, err = run_tool(data, out, capsys, extra=extra)
     assert code == 2, err
     assert "is above its running level" in err and "for 3 logged windows" in err, err

@@ -42,7 +42,7 @@ def small_data(tmp_path_factory):
 def small_args(data, out, *extra):
     return tiny_args(
         data, out, epochs=1,
-        extra=["--batch-size", "4", "train.precise_bn=0", "train.complexity=false", *extra],
+        extra=["--batch-size", "4", "train.precise_bn", "0", "train.complexity", "false", *extra],
     )  # fmt: skip
 
 
@@ -110,10 +110,10 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(small_data, tmp_path
     """SIGTERM mid-epoch: the step finishes, last.pth is written, exit 143; the same command
     then continues at the next iteration and ends with exactly the weights of a run that was
     never stopped (edge drop and dropout on, so the RNG state must be the saved one)."""
-    rand = "model.kwargs={stem: small, head_channels: 32, edge_drop: 0.3, dropout: 0.2}"
+    rand = ["model.kwargs", "{stem: small, head_channels: 32, edge_drop: 0.3, dropout: 0.2}"]
     ref_out, cut_out = str(tmp_path / "ref"), str(tmp_path / "cut")
-    _, ref = _start(small_data, ref_out, [rand])
-    cmd, victim = _start(small_data, cut_out, [rand])
+    _, ref = _start(small_data, ref_out, rand)
+    cmd, victim = _start(small_data, cut_out, rand)
     _wait_for(victim, "epoch 1/2 iter 2/4")
     # While it trains, the folder is its own: a second run is refused, naming it.
     assert load_tool().main(small_args(small_data, cut_out)) == 2
@@ -139,7 +139,7 @@ def test_signal_to_the_process_group_saves_and_exits_128_plus_signal(small_data,
     """Ctrl-C (SIGINT) and SLURM's preemption warning (SIGTERM) signal the whole process group,
     data-loading workers included: the workers must not die of it mid-save."""
     out = str(tmp_path / "run")
-    _, proc = _start(small_data, out, ["data.workers=1"], start_new_session=True)
+    _, proc = _start(small_data, out, ["data.workers", "1"], start_new_session=True)
     _wait_for(proc, "epoch 1/2 iter 2/4")
     os.killpg(proc.pid, sig)
     n = _stopped_cleanly(proc, signal.Signals(sig).name, 128 + sig)

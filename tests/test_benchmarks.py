@@ -92,6 +92,24 @@ def test_fold_option_folds_only_the_inference_model():
         bench.build("randwire_small+fuse", {})
 
 
+def test_execution_options_set_the_stages_execution():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_step", os.path.join(ROOT, "benchmarks", "train_step.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = {"channels": 8, "nodes": 8}
+    for option, execution in (("", "auto"), ("+reference", "reference"), ("+fused", "fused")):
+        model = bench.build("randwire_small" + option + "+fold", small)
+        assert {m.execution for m in model.modules() if hasattr(m, "execution")} == {execution}
+    with pytest.raises(ValueError, match=r"\+reference"):  # the old name, refused
+        bench.build("randwire_small+unfused", small)
+    with pytest.raises(ValueError, match="two executions"):
+        bench.build("randwire_small+fused+recompute", small)
+
+
 def test_edge_choice_counts_learned_wirings_only():
     import importlib.util
 

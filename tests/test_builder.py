@@ -274,7 +274,13 @@ def test_width_matching_follows_the_models_own_graphs():
     # an 8-node ER model with a conv node op then failed ("k=4 is out of range").
     kw = {"nodes": 8, "gen": "er", "gen_params": {"p": 0.3}, "seed": 2, "node_op": "conv"}
     model = build_model("randwire_small", **kw)
-    from rwdet.models.width import matched_channels
+    from rwdet.complexity import matched_width
+    from rwdet.models.randwire import RandWire
 
     graph_kwargs = {k: kw[k] for k in ("gen", "gen_params", "seed")}
-    assert model.stage_channels["conv2"] == matched_channels("small", 78, 8, "conv", **graph_kwargs)
+    width = matched_width(
+        lambda c: RandWire(regime="small", channels=c, nodes=8, node_op="conv", **graph_kwargs),
+        lambda: RandWire(regime="small", channels=78, nodes=8, **graph_kwargs),
+        78,
+    )
+    assert model.stage_channels["conv2"] == width

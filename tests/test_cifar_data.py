@@ -104,4 +104,4 @@ def test_missing_batch_file_is_named(tmp_path):
 
 def test_cifar_name_without_root_is_a_user_error():
     with pytest.raises(UserError, match="cifar100:ROOT"):
-        resolve(None, None, ["data.name=cifar100"])
+        resolve(None, None, ["data.name", "cifar100"])

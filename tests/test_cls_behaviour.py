@@ -55,7 +55,7 @@ def big_batch(dataset, tmp_path_factory):  # noqa: F811
     gradients clipped to a norm the tiny model's gradients exceed."""
     data, _ = dataset
     out = str(tmp_path_factory.mktemp("big_batch"))
-    extra = ["--batch-size", "16", "--warmup-epochs", "1", "schedule.warmup_factor=null"]
+    extra = ["--batch-size", "16", "--warmup-epochs", "1", "schedule.warmup_factor", "null"]
     cfg = tiny_cfg(*tiny_args(data, out, epochs=2, extra=[*extra, "--clip-grad", str(CLIP)]))
     return (cfg, *run_recording_steps(cfg))
 
@@ -69,7 +69,8 @@ def test_lr_follows_linear_scaling_and_goyal_warmup(batch, factor, big_batch, da
         cfg, _, steps = big_batch
     else:
         data, _ = dataset
-        extra = ["--batch-size", str(batch), "--warmup-epochs", "1", "schedule.warmup_factor=null"]
+        extra = ["--batch-size", str(batch), "--warmup-epochs", "1", "schedule.warmup_factor",
+                 "null"]  # fmt: skip
         cfg = tiny_cfg(*tiny_args(data, str(tmp_path), epochs=1, extra=extra))
         _, steps = run_recording_steps(cfg)
     ipe = 104 // batch
@@ -213,9 +214,7 @@ def test_weights_start_training_from_a_checkpoint(finished, dataset, tmp_path, c
 
     two = str(tmp_path / "two_classes")
     make_image_folder(two, classes=2, train_per_class=8, val_per_class=2, bad=False)
-    base = [
-        a for a in tiny_args(two, str(tmp_path / "ft2"), epochs=1) if a != "train.precise_bn=64"
-    ]
+    base = [*tiny_args(two, str(tmp_path / "ft2"), epochs=1), "train.precise_bn", "0"]
     tool = load_tool()
     assert tool.main([*base, "--weights", weights]) == 0
     log = open(os.path.join(tmp_path, "ft2", "log.txt")).read()

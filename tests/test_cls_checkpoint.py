@@ -140,3 +140,115 @@ def test_unwrap():
     wrapped = type("Compiled", (torch.nn.Module,), {})()
     wrapped._orig_mod = model
     assert ck.unwrap(wrapped) is model and ck.unwrap(model) is model
+
+
+# ---------------------------------------------------------------------------- training state
+
+# The top-level keys every train_cls.py checkpoint has had (written by the trainer before the
+# TrainState refactor; checked on a real last.pth of that code): runs started then resume.
+OLD_KEYS = {
+    "model", "model_spec", "graphs", "graphs_fingerprint", "ema", "ema_updates", "optimizer",
+    "scheduler", "scaler", "epoch", "iteration", "rng", "sampler", "config", "metrics",
+    "classes", "skipped_train", "guard",
+}  # fmt: skip
+OLD_SCHEDULER_KEYS = {"iteration", "lr", "total_iters", "warmup_iters", "warmup_factor"}
+
+
+def _state(model, ipe=5, ema=True, tmp="/nonexistent"):
+    from classification.divergence import DivergenceGuard
+    from classification.ema import ModelEMA
+    from classification.schedule import LrSchedule
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard_cfg = {"divergence_factor": 0, "divergence_margin": 0, "divergence_patience": 1,
+                 "divergence_max_weight": 0}  # fmt: skip
+    return ck.TrainState(
+        optimizer=opt, scheduler=LrSchedule(opt, 0.1, 10 * ipe, 2, 0.1),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        ema=ModelEMA(model, 0.9) if ema else None, guard=DivergenceGuard(guard_cfg),
+        iters_per_epoch=ipe, classes=["a", "b", "c"], last_path=os.path.join(tmp, "last.pth"),
+    )  # fmt: skip
+
+
+def _old_schema_checkpoint(model, opt, iteration, ipe, ema_state, ema_updates):
+    """A checkpoint dict exactly as the pre-refactor ``trainer.save_checkpoint`` built it."""
+    from rwdet.checkpoint_io import model_record
+
+    return {
+        **model_record(model),
+        "ema": ema_state, "ema_updates": ema_updates, "optimizer": opt.state_dict(),
+        "scheduler": {"iteration": iteration - 1, "lr": 0.1, "total_iters": 10 * ipe,
+                      "warmup_iters": 2, "warmup_factor": 0.1},
+        "scaler": None, "epoch": iteration // ipe, "iteration": iteration,
+        "rng": [ck.rng_state()],
+        "sampler": {"seed": 0, "epoch": iteration // ipe, "start_batch": iteration % ipe,
+                    "iters_per_epoch": ipe, "world": 1},
+        "config": {"seed": 0}, "metrics": {"best_top1": 40.0, "top1": 40.0, "top5": 90.0},
+        "classes": ["a", "b", "c"], "skipped_train": 2, "guard": {"loss_level": 1.5},
+    }  # fmt: skip
+
+
+def _trained_model():
+    torch.manual_seed(0)
+    model = build_model("randwire_small", **TINY, gen="ws", seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()  # momentum buffers in the optimizer state
+    return model, opt
+
+
+def test_a_checkpoint_of_the_old_schema_resumes_exactly(tmp_path):
+    model, opt = _trained_model()
+    ema_state = {k: v + 1 for k, v in model.state_dict().items()}  # distinguishable
+    old = _old_schema_checkpoint(model, opt, 7, 5, ema_state, 4)
+    path = str(tmp_path / "last.pth")
+    ck.atomic_save(old, path)
+    expected_rand = torch.rand(3)  # the stream the checkpoint's rng continues
+    fresh = build_model("randwire_small", **TINY, gen="ws", seed=1)
+    state = _state(fresh)
+    torch.manual_seed(123)
+    assert state.restore(ck.load_checkpoint(path), fresh, rank=0, world=1)
+    assert torch.equal(torch.rand(3), expected_rand)
+    assert state.iteration == 7 and state.scheduler.iteration == 6
+    assert state.skipped_train == 2 and state.metrics["best_top1"] == 40.0
+    assert state.guard.state_dict() == {"loss_level": 1.5}
+    assert state.ema.updates == 4
+    assert all(torch.equal(v, ema_state[k]) for k, v in state.ema.state_dict().items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+    momentum = state.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_new_checkpoints_keep_the_old_keys():
+    model, _ = _trained_model()
+    state = _state(model)
+    state.iteration = 12
+    obj = state.to_checkpoint(model, {"seed": 3}, [ck.rng_state()], world=1)
+    assert set(obj) == OLD_KEYS
+    assert set(obj["scheduler"]) == OLD_SCHEDULER_KEYS
+    assert obj["sampler"] == {
+        "seed": 3, "epoch": 2, "start_batch": 2, "iters_per_epoch": 5, "world": 1,
+    }  # fmt: skip
+    assert set(obj["ema"]) == set(model.state_dict())  # the model's keys: load_model(weights="ema")
+    assert obj["ema_updates"] == 0
+
+
+def test_another_world_size_restarts_the_epoch(tmp_path):
+    model, opt = _trained_model()
+    old = _old_schema_checkpoint(model, opt, 7, 5, None, 0)
+    old["sampler"]["world"] = 2
+    state = _state(model, ema=False)
+    assert not state.restore(old, model, rank=0, world=1)
+    assert state.iteration == 5  # the start of epoch 1, not bit-exact
+
+
+def test_kept_checkpoint_says_what_a_diverged_run_leaves(tmp_path):
+    model, _ = _trained_model()
+    state = _state(model, ema=False, tmp=str(tmp_path))
+    assert state.kept_checkpoint() == "No checkpoint was written yet"
+    state.moved_to = "prev/1"
+    assert "previous run's checkpoints are in prev/1" in state.kept_checkpoint()
+    open(state.last_path, "wb").close()
+    assert "untouched by this run" in state.kept_checkpoint()
+    state.saved_iteration = 9
+    assert state.kept_checkpoint().endswith("(iteration 9)")

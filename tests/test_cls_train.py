@@ -38,10 +38,11 @@ def tiny_args(data, out, epochs=3, extra=()):
     """A tiny RandWire (C=8, N=6, 32 px images): 13 iterations per epoch."""
     return [
         "--data", data, "--gen", "ws", "--seed", "1", "--channels", "8", "--nodes", "6",
-        "model.kwargs={stem: small, head_channels: 32}", "data.train_size=32",
-        "data.test_size=32", "data.test_resize=32", "data.workers=0", "--epochs", str(epochs),
-        "--batch-size", "8", "--lr", "0.05", "optim.reference_batch=8", "--warmup-epochs", "0",
-        "train.log_period=2", "train.precise_bn=64", "--output-dir", out, *extra,
+        "model.kwargs", "{stem: small, head_channels: 32}", "data.train_size", "32",
+        "data.test_size", "32", "data.test_resize", "32", "data.workers", "0",
+        "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.05",
+        "optim.reference_batch", "8", "--warmup-epochs", "0", "train.log_period", "2",
+        "train.precise_bn", "64", "--output-dir", out, *extra,
     ]  # fmt: skip
 
 
@@ -121,7 +122,7 @@ def test_eval_only_matches_training_eval(trained, dataset, tmp_path):
     args = tiny_args(data, str(tmp_path), extra=["--eval-only", "--weights", weights])
     r = trainer.main(tiny_cfg(*args))
     assert r["top1"] == pytest.approx(result["top1"]) and r["count"] == n_val
-    r = trainer.main(tiny_cfg(*args, "data.test_size=40", "--eval-ema"))
+    r = trainer.main(tiny_cfg(*args, "data.test_size", "40", "--eval-ema"))
     assert r["count"] == n_val and r["test_size"] == 40 and r["which"] == "ema"
     with pytest.raises(CheckpointMismatchError, match="channels: checkpoint 8, requested 16"):
         trainer.main(tiny_cfg(*args, "--channels", "16"))
@@ -160,7 +161,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, dataset, tmp
     # which must stop the run before anything is saved.
     args = tiny_args(data, out, epochs=5, extra=["--ema", "--lr", "3e38"])
     with pytest.raises(FloatingPointError, match="iteration 53: a weight.*last good checkpoint"):
-        trainer.main(tiny_cfg(*args, "train.checkpoint_period=1"))
+        trainer.main(tiny_cfg(*args, "train.checkpoint_period", "1"))
     assert open(os.path.join(out, "last.pth"), "rb").read() == before
 
 
@@ -171,8 +172,8 @@ def test_resume_after_sigkill_is_exact(dataset, tmp_path):
     streams, the sampler position and the worker seeding all have to be restored."""
     data, _ = dataset
     extra = [
-        "model.kwargs={stem: small, head_channels: 32, edge_drop: 0.3, dropout: 0.2}",
-        "data.workers=1", "train.checkpoint_period=3", "train.eval_period=3", "--ema",
+        "model.kwargs", "{stem: small, head_channels: 32, edge_drop: 0.3, dropout: 0.2}",
+        "data.workers", "1", "train.checkpoint_period", "3", "train.eval_period", "3", "--ema",
     ]  # fmt: skip
     ref_out, cut_out = str(tmp_path / "ref"), str(tmp_path / "cut")
     ref = subprocess.Popen(
@@ -273,7 +274,7 @@ def test_graph_fingerprint_mismatch_fails_on_every_rank(tmp_path):
         ("none", ["--data", "{tmp}/missing"], "does not exist"),
         ("no_val", ["--data", "{tmp}/d"], "no val split"),
         ("empty_class", ["--data", "{tmp}/d"], "contains no images"),
-        ("none", ["data.fashion_mnist_dir={tmp}"], "apt-get install dataset-fashion-mnist"),
+        ("none", ["data.fashion_mnist_dir", "{tmp}"], "apt-get install dataset-fashion-mnist"),
         ("none", ["--model", "nope"], "model='nope' is not registered"),
         ("none", ["--gen", "ws", "--m", "3"], "unknown parameter"),
     ],
@@ -288,10 +289,10 @@ def test_bad_input_gives_a_clear_error(setup, argv, match, tmp_path, capsys):
         (d / "train" / "class9").mkdir()
     if "nope" in argv or "--m" in argv:
         make_fashion_mnist(str(tmp_path / "fm"))
-        argv = [*argv, f"data.fashion_mnist_dir={tmp_path}/fm"]
+        argv = [*argv, "data.fashion_mnist_dir", f"{tmp_path}/fm"]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = str(tmp_path / "out")
-    code = load_tool().main([*argv, "--output-dir", out, "train.complexity=false"])
+    code = load_tool().main([*argv, "--output-dir", out, "train.complexity", "false"])
     err = capsys.readouterr().err
     assert code == 2 and match in err, err
 

@@ -20,7 +20,6 @@ from rwdet.models import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", ["randwire_small", "randwire_c109", "randwire_c154"])
 def test_flops_and_params_match_paper_over_seeds_1_to_5(model):
     _, flops, flops_std, params, params_std, _ = RANDWIRE[model]
@@ -187,14 +186,32 @@ def test_analyze_complexity_table_seeds_1_to_5_next_to_the_paper(tiny_zoo, monke
     assert "DNW Table 3 (at initialisation)" in text and "| 0.002 | 0.02 |" in text
 
 
+def test_analyze_complexity_method_chooses_the_count(monkeypatch):
+    """--method traced reaches fvcore's count (stubbed here to tell the two apart); the default
+    is the analytic one, and both agree on the real model."""
+    import rwdet.complexity.traced as traced
+
+    argv = ("complexity", "randwire_small", "--channels", "8", "--nodes", "6")
+    argv = (*argv, "--input-size", "32", "--json")
+    analytic = json.loads(analyze(*argv))
+    reference = json.loads(analyze(*argv, "--method", "traced"))
+    assert (analytic["flops"], analytic["activations"]) == (
+        reference["flops"],
+        reference["activations"],
+    )
+    monkeypatch.setattr(traced, "count_flops", lambda model, x: 12345)
+    assert json.loads(analyze(*argv, "--method", "traced"))["flops"] == 12345
+    assert json.loads(analyze(*argv))["flops"] == analytic["flops"] != 12345
+
+
 # ------------------------------------------------- node-op width matching (RandWire Figure 6)
 def _macs(channels: int, node_op: str, size: int) -> int:
+    from rwdet.complexity.width import meta_flops
     from rwdet.models.randwire import RandWire
-    from rwdet.models.width import conv_fc_macs
 
-    with torch.device("meta"):
-        model = RandWire(regime="small", channels=channels, nodes=8, seed=1, node_op=node_op)
-    return conv_fc_macs(model, size)
+    return meta_flops(
+        lambda: RandWire(regime="small", channels=channels, nodes=8, seed=1, node_op=node_op), size
+    )
 
 
 @pytest.mark.parametrize("op", ["conv", "maxpool", "avgpool"])
@@ -203,12 +220,12 @@ def test_node_op_width_keeps_flops_nearest_the_sepconv_network(op):
     explicit width) so the network's FLOPs are the nearest to the sepconv network's; one step of
     C moves them by 3-7% at these widths, so the nearest C lands within 3.5% of the target.
     N = 8 keeps the search fast; the rule does not depend on N."""
-    from rwdet.models.width import _PROBE_SIZE
+    from rwdet.complexity.width import PROBE_SIZE
 
     with torch.device("meta"):
         c = build_model("randwire_small", nodes=8, node_op=op).stage_channels["conv2"]
     assert c != 78  # sepconv's C would be far off: a 3x3 conv costs ~8x, pool + 1x1 a little less
-    for size in (_PROBE_SIZE, 224):  # the search's probe size and the paper's input size
+    for size in (PROBE_SIZE, 224):  # the search's probe size and the paper's input size
         target = _macs(78, "sepconv", size)
         gap = {w: abs(_macs(w, op, size) - target) for w in (c - 1, c, c + 1)}
         assert gap[c] == min(gap.values()), (size, gap)
@@ -216,11 +233,207 @@ def test_node_op_width_keeps_flops_nearest_the_sepconv_network(op):
 
 
 @pytest.mark.parametrize("op", ["sepconv", "conv", "maxpool", "avgpool"])
-def test_width_search_counts_flops_as_the_tools_do(op):
-    """The search's shape-only count equals fvcore's (what analyze.py reports) for every op:
-    pooling and BN cost nothing in both, so the matched width matches the reported FLOPs."""
-    from rwdet.models.width import conv_fc_macs
+def test_width_search_counts_flops_as_fvcore_does(op):
+    """The search's meta-device count equals fvcore's traced count for every op: pooling and
+    BN cost nothing in both, so the matched width matches the FLOPs fvcore would report."""
+    from rwdet.complexity.width import meta_flops
 
     model = build_model("randwire_small", gen="er", node_op=op, **TINY)
-    flops = complexity(model, input_size=32)["flops"]
-    assert conv_fc_macs(model.to("meta"), 32) == flops
+    flops = complexity(model, input_size=32, method="traced")["flops"]
+    assert meta_flops(lambda: build_model("randwire_small", gen="er", node_op=op, **TINY), 32) == (
+        flops
+    )
+
+
+def test_matched_width_is_generic_and_memoised():
+    """The matcher takes any builder (here a plain two-conv net whose FLOPs grow with its
+    width): it returns the width nearest the reference's FLOPs, and a key memoises it."""
+    from torch import nn
+
+    from rwdet.complexity import matched_width, meta_flops
+    from rwdet.complexity.width import PROBE_SIZE
+
+    def net(width: int, k: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, width, k, padding=k // 2), nn.Conv2d(width, 8, 1))
+
+    builds = []
+
+    def build(w: int) -> nn.Module:
+        builds.append(w)
+        return net(w, 5)
+
+    w = matched_width(build, lambda: net(40, 3), 40, key=("two-conv", {"k": [5]}))
+    target = meta_flops(lambda: net(40, 3))
+    gaps = {
+        c: abs(meta_flops(lambda c=c: net(c, 5), PROBE_SIZE) - target) for c in (w - 1, w, w + 1)
+    }
+    assert gaps[w] == min(gaps.values()) and w < 40, gaps  # 5x5 costs more: narrower
+    n = len(builds)
+    assert matched_width(build, lambda: net(40, 3), 40, key=("two-conv", {"k": [5]})) == w
+    assert len(builds) == n  # memoised: no search the second time
+
+
+def test_complexity_package_does_not_import_the_models():
+    """Layering: models import the complexity package (RandWire's width matcher), never the
+    reverse, so there is no import circle."""
+    code = (
+        "import sys, rwdet.complexity, rwdet.complexity.width; "
+        "print(sorted(m for m in sys.modules if m.startswith('rwdet.models')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------- analytic count vs fvcore's traced count
+def _family(name):
+    """One small model of each family (built with torch seed 0), and its input size."""
+    small_rw = {"channels": 16, "nodes": 8, "num_classes": 10}
+    return {
+        "randwire_small": lambda: (build_model("randwire_small", **small_rw), 64),
+        "randwire_regular": lambda: (
+            build_model("randwire_c109", head_channels=64, **{**small_rw, "nodes": 10}),
+            64,
+        ),
+        "randwire_popup": lambda: (build_model("randwire_small", wiring="popup", **small_rw), 64),
+        "mobilenetv1_dnw": lambda: (
+            build_model("mobilenetv1_dnw_small_x0225", node_multiplier=0.125, num_classes=10),
+            64,
+        ),
+        "resnet50_popup": lambda: (build_model("resnet50_popup", num_classes=10), 32),
+        "conv4": lambda: (build_model("conv4"), 32),
+        "neuralgraph_static": lambda: (build_model("neuralgraph_static"), 32),
+    }[name]()
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "randwire_small",
+        "randwire_regular",
+        "randwire_popup",
+        "mobilenetv1_dnw",
+        "resnet50_popup",
+        "conv4",
+        "neuralgraph_static",
+    ],
+)
+def test_analytic_count_equals_fvcores_traced_count(family):
+    """The analytic count (op shapes, what the tools report) is fvcore's, FLOPs and activations
+    alike, for a model of each family; and built on the meta device it counts the same."""
+    torch.manual_seed(0)
+    model, size = _family(family)
+    analytic = complexity(model, input_size=size)
+    traced = complexity(model, input_size=size, method="traced")
+    assert analytic == traced
+    assert analytic["flops"] > 0 and analytic["activations"] > 0
+    if family.startswith("randwire"):
+        from rwdet.complexity.meta import meta_build
+
+        with meta_build():
+            torch.manual_seed(0)
+            meta_model, _ = _family(family)
+        assert next(meta_model.parameters()).is_meta
+        assert complexity(meta_model, input_size=size) == analytic
+
+
+def test_analytic_rules_match_fvcore_for_functional_ops():
+    """Ops called outside any layer class (graphs' F.conv2d on weight slices, matmul, einsum,
+    transposed and grouped convs, bias-free F.linear) are counted by fvcore's rules."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Ops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4, 3, 3))
+            self.t = nn.Parameter(torch.randn(6, 2, 2, 2))
+            self.fc = nn.Parameter(torch.randn(5, 6))
+
+        def forward(self, x):
+            y = F.conv2d(x, self.w, padding=1)  # 4 -> 6 channels
+            y = F.conv2d(y, self.w[:, :2].reshape(12, 1, 3, 3)[:6], groups=6)
+            y = F.conv_transpose2d(y, self.t, stride=2)  # 6 -> 2 channels, 2x the size
+            z = F.adaptive_avg_pool2d(y, 3).flatten(1)  # (1, 18)
+            z = z @ torch.ones(18, 6)
+            z = torch.einsum("bi,oi->bo", z, self.fc) + torch.mm(z, self.fc.t())
+            return F.linear(z, self.fc.t()) + torch.bmm(z[None], self.fc[None])[0]
+
+    model, x = Ops(), torch.zeros(1, 4, 6, 6)
+    from rwdet.complexity import count_ops
+    from rwdet.complexity.traced import count_activations, count_flops
+
+    counts = count_ops(model, x)
+    assert counts.flops == count_flops(model, x) and counts.flops > 0
+    assert counts.activations == count_activations(model, x) and counts.activations > 0
+
+
+def test_a_forward_that_reads_values_is_counted_once_for_real():
+    """The analytic count runs on meta copies of the tensors; a forward that needs a value
+    (here a data-dependent branch, in rwdet the ODE solver's step size) cannot, and is then
+    counted with one real forward, without what the aborted meta run had counted."""
+    from torch import nn
+
+    class ReadsValues(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) if float(y.sum()) == float(y.sum()) else y
+
+    model = ReadsValues()
+    analytic = complexity(model, input_size=8)
+    assert analytic == complexity(model, input_size=8, method="traced")
+    assert analytic["flops"] == 6 * 6 * 4 * (27 + 4)
+
+
+def test_complexity_rejects_an_unknown_method_and_traced_on_meta():
+    from torch import nn
+
+    with pytest.raises(ValueError, match="method='fvcore' is not known"):
+        complexity(nn.Linear(2, 2), 8, method="fvcore")
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="real forward"):
+        complexity(model, 8, method="traced")
+
+
+# ------------------------------------------------- sparse counts: the layers' own protocol
+def test_sparse_complexity_asks_each_layer_what_it_keeps():
+    """A layer type reports itself through ``kept_counts`` (and the counter does not look
+    inside it) or through ``kept_mask``; nothing in the counter names layer types."""
+    from torch import nn
+
+    from rwdet.complexity import KeptContext, sparse_complexity
+
+    class HalfConv(nn.Conv2d):  # keeps the first half of its output channels' weights
+        def kept_mask(self):
+            mask = torch.zeros_like(self.weight, dtype=torch.bool)
+            mask[: self.out_channels // 2] = True
+            return mask
+
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Conv2d(4, 4, 1)  # counted by its owner, not by the default
+            self.seen: list[KeptContext] = []
+
+        def forward(self, x):
+            return self.inner(x)
+
+        def kept_counts(self, cx):
+            self.seen.append(cx)
+            return dict(params_dense=100, params_kept=7, flops_dense=1000, flops=70, nodes=3)
+
+    counted = Counted()
+    model = nn.Sequential(HalfConv(3, 4, 3, padding=1, bias=False), counted)
+    c = sparse_complexity(model, input_size=5)
+    dense_conv, kept_conv = 4 * 3 * 9, 2 * 3 * 9
+    assert c["params_dense"] == dense_conv + 100 and c["params_kept"] == kept_conv + 7
+    assert c["flops_dense"] == dense_conv * 25 + 1000 and c["flops"] == kept_conv * 25 + 70
+    assert c["nodes"] == 3
+    (cx,) = counted.seen
+    assert tuple(cx.out_shape) == (1, 4, 5, 5) and cx.used is None and cx.live_nodes is None

@@ -9,10 +9,10 @@ from test_cls_config import load_tool
 from test_cls_data import make_fashion_mnist
 from torch import nn
 
+from rwdet.complexity import sparse_complexity
 from rwdet.models import build_model, conv, load_model
 from rwdet.models.sparse_resnet import SparseResNet
 from rwdet.nn.sparse_layers import PopupConv2d, PopupLinear, SupermaskConv2d, SupermaskLinear
-from rwdet.sparse_complexity import sparse_complexity
 
 # Table 1, written out as its layers: 3x3 convs (no bias), pairs per stage, a 2x2 max-pool
 # after each pair, then FC 256-256-10 reading the flattened last map of a 32x32x3 image.
@@ -85,9 +85,9 @@ def test_width_scales_every_conv_and_hidden_fc():
 
 
 def test_layer_kinds_follow_wiring_and_the_classifier_can_be_reset():
-    model = build_model("conv2", wiring="popup", k=0.3, width=0.125, init="kaiming_normal")
+    model = build_model("conv2", wiring="popup", keep=0.3, width=0.125, init="kaiming_normal")
     assert all(isinstance(m, PopupConv2d) for m in model.modules() if isinstance(m, nn.Conv2d))
-    assert isinstance(model.fc, PopupLinear) and model.fc.k == 0.3
+    assert isinstance(model.fc, PopupLinear) and model.fc.keep == 0.3
     model.reset_classifier(5)
     assert isinstance(model.fc, PopupLinear) and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
     model.reset_classifier(0)
@@ -132,7 +132,7 @@ def test_dense_wiring_learns_its_weights():
 
 def test_sparse_complexity_counts_popup_and_supermask_kept_weights():
     torch.manual_seed(0)
-    popup = build_model("conv2", wiring="popup", k=0.3, width=0.25)
+    popup = build_model("conv2", wiring="popup", keep=0.3, width=0.25)
     c = sparse_complexity(popup, input_size=32)
     dense = table1_count_width(0.25)
     assert c["params_dense"] == dense and abs(c["params_kept"] / dense - 0.3) < 1e-3
@@ -173,10 +173,10 @@ def test_conv4_popup_trains_with_the_cls_tool(tmp_path):
     out = str(tmp_path / "out")
     argv = [
         "--model", "conv4", "--wiring", "popup", "--epochs", "1", "--batch-size", "8",
-        "--output-dir", out, f"data.fashion_mnist_dir={tmp_path}/fm",
-        "model.gen=null", "model.seed=null", "model.channels=null", "model.nodes=null",
-        "model.kwargs={k: 0.5, input_size: 28, width: 0.25}", "train.precise_bn=0",
-        "train.complexity=false", "train.channels_last=false",
+        "--output-dir", out, "data.fashion_mnist_dir", f"{tmp_path}/fm",
+        "model.gen", "null", "model.seed", "null", "model.channels", "null", "model.nodes", "null",
+        "model.kwargs", "{keep: 0.5, input_size: 28, width: 0.25}", "train.precise_bn", "0",
+        "train.complexity", "false", "train.channels_last", "false",
     ]  # fmt: skip
     assert load_tool().main(argv) == 0
     with open(f"{out}/metrics.jsonl") as f:

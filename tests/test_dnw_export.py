@@ -3,13 +3,13 @@
 import torch
 from torch import nn
 
+from rwdet.complexity import sparse_complexity
 from rwdet.graphs import GraphSpec
 from rwdet.models import build_model
 from rwdet.nn import GraphStage
 from rwdet.nn.export import export_subnetwork, prune_stage, stage_live_nodes, subnetwork_graphs
 from rwdet.nn.learned_gates import DNWGates, FixedGates
 from rwdet.nn.sparse_layers import SPARSE_LAYERS
-from rwdet.sparse_complexity import sparse_complexity
 
 
 def train_a_little(model, x, steps=2, lr=2.0):
@@ -102,7 +102,7 @@ def test_mobilenet_dnw_export_cuts_dead_channels():
 
 def test_resnet_dnw_export_zeroes_unkept_weights():
     torch.manual_seed(0)
-    model = build_model("resnet50_dnw", k=0.2, layers=[1, 1, 1, 1], num_classes=10)
+    model = build_model("resnet50_dnw", keep=0.2, layers=[1, 1, 1, 1], num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     train_a_little(model, x, steps=1, lr=0.1)
     exported = export_subnetwork(model)
@@ -153,7 +153,7 @@ def test_export_keeps_dtype_and_exports_a_bare_stage_or_layer():
         assert {p.dtype for p in exported.parameters()} <= {torch.double}, mode
         with torch.no_grad():
             torch.testing.assert_close(exported(x), stage(x))
-    layer = PopupConv2d(3, 4, 3, padding=1, k=0.5).double()
+    layer = PopupConv2d(3, 4, 3, padding=1, keep=0.5).double()
     plain = export_subnetwork(layer)
     assert type(plain) is nn.Conv2d and plain.weight.dtype == torch.double
     torch.testing.assert_close(plain(x), layer(x))

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from rwdet.complexity import sparse_complexity
 from rwdet.graphs import GraphSpec
 from rwdet.models import build_model, get_graphs, list_models, stage_outputs
 from rwdet.models.mobilenet_dnw import MOBILENET_GRAPHS, NeuralGraph, mobilenet_budget
 from rwdet.nn.learned_gates import DNWGates
 from rwdet.nn.sparse_layers import DNWConv2d, DNWLinear
-from rwdet.sparse_complexity import sparse_complexity
 
 
 def tiny_mobilenet(name="mobilenetv1_dnw_x0225", **kw):
@@ -177,7 +177,7 @@ def test_randwire_dnw_candidates_budget_and_rebuild():
 
 
 def test_resnet50_dnw_sparsity_setting():
-    model = build_model("resnet50_dnw", k=0.2, first_layer_dense=True, layers=[1, 1, 1, 1])
+    model = build_model("resnet50_dnw", keep=0.2, first_layer_dense=True, layers=[1, 1, 1, 1])
     assert type(model.conv1) is nn.Conv2d  # first layer dense
     sparse = [m for m in model.modules() if isinstance(m, (DNWConv2d, DNWLinear))]
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -190,7 +190,7 @@ def test_resnet50_dnw_sparsity_setting():
     assert [f.shape[1] for f in feats.values()] == list(model.stage_channels.values())
     assert [64 // f.shape[-1] for f in feats.values()] == [2, 4, 8, 16, 32]
     full = build_model("resnet50_dnw", layers=[1, 1, 1, 1])
-    assert isinstance(full.conv1, DNWConv2d) and full.k == 0.1
+    assert isinstance(full.conv1, DNWConv2d) and full.keep == 0.1
 
 
 def _grad_sets(model, x, y, steps=3, lr=50.0):

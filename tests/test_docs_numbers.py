@@ -111,7 +111,7 @@ def test_readme_model_rows_match_the_code(blocks):
 
 @pytest.mark.slow
 def test_sparse_model_rows_match_the_code(blocks):
-    rows = [r for r in dt.SPARSE_ROWS if r[1] not in EXPENSIVE and r[2].get("k") != 0.2]
+    rows = [r for r in dt.SPARSE_ROWS if r[1] not in EXPENSIVE and r[2].get("keep") != 0.2]
     expected = rows_of(dt.block_sparse_models(rows))
     assert len(expected) == 2 + 8 and expected <= rows_of(blocks["sparse_models"])
 

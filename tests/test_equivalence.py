@@ -1,7 +1,8 @@
 """Optimised execution paths give the reference path's outputs, gradients and BN statistics.
 
-Reference: ``GraphStage(fused=False, recompute=False)`` (plain autograd, node by node).
-Optimised: per-node checkpointing (``recompute``) and the fused stage op (``fused``).
+Reference: ``GraphStage(execution="reference")`` (plain autograd, node by node).
+Optimised: per-node checkpointing (``execution="recompute"``) and the fused stage op
+(``execution="fused"``).
 """
 
 import copy
@@ -15,13 +16,13 @@ from rwdet.models import build_model
 from rwdet.nn import GraphStage
 
 GRAPHS = [("er", {"p": 0.3}), ("ba", {"m": 3}), ("ws", {"k": 4, "p": 0.75})]
-PATHS = {"recompute": {"recompute": True}, "fused": {"fused": True}}
+PATHS = {"recompute": {"execution": "recompute"}, "fused": {"execution": "fused"}}
 
 
 def _stage_pair(gen, params, path):
     torch.manual_seed(0)
     spec = GraphSpec.generate(gen, 10, 3, **params)
-    ref = GraphStage(spec, 3, 6, stride=2, fused=False)
+    ref = GraphStage(spec, 3, 6, stride=2, execution="reference")
     with torch.no_grad():
         ref.gates.weight.normal_()
         for m in ref.modules():
@@ -153,8 +154,8 @@ def test_fused_stage_gradcheck():
 def test_model_matches_reference_with_edge_drop(path):
     kw = {"channels": 8, "nodes": 10, "stem": "small", "head_channels": 16, "edge_drop": 0.5}
     torch.manual_seed(0)
-    ref = build_model("randwire_c109", fused=False, **kw)
-    opt = build_model("randwire_c109", **{**kw, "fused": False, **PATHS[path]})
+    ref = build_model("randwire_c109", execution="reference", **kw)
+    opt = build_model("randwire_c109", **{**kw, **PATHS[path]})
     opt.load_state_dict(ref.state_dict())
     _assert_same_model_step(ref, opt)
 
@@ -179,7 +180,7 @@ def test_fused_dnw_model_matches_reference():
     """DNW-on-RandWire uses plain layers, so it runs fused; hallucinated edges get gradients."""
     kw = {"channels": 8, "nodes": 8, "stem": "small", "head_channels": 16, "wiring": "dnw"}
     torch.manual_seed(0)
-    ref = build_model("randwire_small", fused=False, **kw)
+    ref = build_model("randwire_small", execution="reference", **kw)
     opt = build_model("randwire_small", **kw)
     opt.load_state_dict(ref.state_dict())
     _assert_same_model_step(ref, opt)
@@ -297,7 +298,7 @@ def _frozen_pair(gen="ws", params=None, requires_grad=True):
 
     torch.manual_seed(0)
     spec = GraphSpec.generate(gen, 10, 3, **(params or {"k": 4, "p": 0.75}))
-    ref = GraphStage(spec, 3, 6, stride=2, fused=False, norm_layer=FrozenBatchNorm2d)
+    ref = GraphStage(spec, 3, 6, stride=2, execution="reference", norm_layer=FrozenBatchNorm2d)
     with torch.no_grad():
         ref.gates.weight.normal_()
         for m in ref.modules():
@@ -306,7 +307,7 @@ def _frozen_pair(gen="ws", params=None, requires_grad=True):
                 m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
     ref.requires_grad_(requires_grad)
     opt = copy.deepcopy(ref)
-    opt.fused = True
+    opt.execution = "fused"
     return ref, opt
 
 
@@ -355,7 +356,7 @@ def test_frozen_bn_model_matches_reference():
     kw = {"channels": 8, "nodes": 10, "stem": "small", "head_channels": 16}
     kw["norm_layer"] = lambda c: get_norm("FrozenBN", c)
     torch.manual_seed(0)
-    ref = build_model("randwire_c109", fused=False, **kw)
+    ref = build_model("randwire_c109", execution="reference", **kw)
     opt = build_model("randwire_c109", **kw)
     opt.load_state_dict(ref.state_dict())
     _assert_same_model_step(ref, opt)

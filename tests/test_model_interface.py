@@ -23,7 +23,7 @@ TINY = {
     "mobilenetv1": {"node_multiplier": 0.0625},
     "resnet": {"layers": [1, 1, 1, 1], "width_per_group": 8},
     "wide_resnet": {"layers": [1, 1, 1, 1], "width_per_group": 8},
-    "neuralgraph": {"dim": 24, "downsample_dim": 4, "feature_dim": 4, "k": 0.1},
+    "neuralgraph": {"dim": 24, "downsample_dim": 4, "feature_dim": 4, "keep": 0.1},
     "conv": {"width": 0.125, "input_size": 64},  # the head is sized for X's 64 px
 }
 # One small model of each family (and each RandWire wiring) for the checks that run forward.

@@ -14,14 +14,14 @@ from test_cls_config import load_tool
 from test_cls_data import make_fashion_mnist
 
 from classification.config import resolve
-from classification.schedule import MultiStepWarmup
+from classification.schedule import LrSchedule
+from rwdet.complexity import sparse_complexity
 from rwdet.models import build_model
 from rwdet.models.neural_graph import PAPER_PARAMS, TimedNeuralGraph
 from rwdet.nn.choose import kept_count
 from rwdet.run.errors import UserError
-from rwdet.sparse_complexity import sparse_complexity
 
-TINY = {"dim": 24, "downsample_dim": 4, "feature_dim": 4, "k": 0.1}
+TINY = {"dim": 24, "downsample_dim": 4, "feature_dim": 4, "keep": 0.1}
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,9 +59,9 @@ def test_paper_size_has_41894_kept_parameters(time):
 
 def test_kept_flops_count_each_evaluation_of_f():
     """Per evaluation of f: one multiply-add per kept edge and 9 per live node op, per pixel;
-    discrete runs f L times, continuous its mean NFE (k=0.5: every node is live)."""
-    one, three = tiny("discrete", steps=1, k=0.5), tiny("discrete", steps=3, k=0.5)
-    cont = tiny("continuous", k=0.5)
+    discrete runs f L times, continuous its mean NFE (keep=0.5: every node is live)."""
+    one, three = tiny("discrete", steps=1, keep=0.5), tiny("discrete", steps=3, keep=0.5)
+    cont = tiny("continuous", keep=0.5)
     with torch.no_grad():
         cont(X)
         cont(X[:1])
@@ -184,7 +184,7 @@ def test_discrete_shares_one_graph_over_time_and_differs_from_static():
 def test_discrete_with_one_step_is_one_static_step():
     """Z(1) = f(A Z(0)) reads only the input nodes (the rest start at zero, eq. 10): with the
     hidden nodes' edges to the outputs at zero, a static graph's outputs are the same sums."""
-    disc, static = tiny("discrete", steps=1, k=0.3), tiny("static", k=0.3)
+    disc, static = tiny("discrete", steps=1, keep=0.3), tiny("static", keep=0.3)
     static.load_state_dict(disc.state_dict())
     with torch.no_grad():
         for m in (disc, static):
@@ -246,7 +246,7 @@ def test_adjoint_and_backprop_through_the_solver_agree():
     x, grads = X[:1, :, :8, :8].double(), []
     for adjoint in (False, True):
         torch.manual_seed(0)
-        kw = dict(dim=12, downsample_dim=4, feature_dim=2, k=0.5, rtol=1e-6, atol=1e-6)
+        kw = dict(dim=12, downsample_dim=4, feature_dim=2, keep=0.5, rtol=1e-6, atol=1e-6)
         model = build_model("neuralgraph_continuous", adjoint=adjoint, **kw).double().eval()
         g = model.graph
 
@@ -305,7 +305,7 @@ def test_random_graph_from_the_training_seed():
 
 def test_multistep_schedule_and_its_config_keys():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    s = MultiStepWarmup(opt, 0.1, 160, [80, 120], 0.1, warmup_iters=0, warmup_factor=1.0)
+    s = LrSchedule(opt, 0.1, 160, milestones=[80, 120], gamma=0.1, warmup_factor=1.0)
     lrs = [s.lr_at(i) for i in (0, 79, 80, 119, 120, 159)]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     for name in ("static", "discrete", "continuous"):
@@ -316,7 +316,7 @@ def test_multistep_schedule_and_its_config_keys():
         assert (cfg["train"]["batch_size"], cfg["optim"]["weight_decay"]) == (512, 1e-4)
     for bad in ("[120, 80]", "[0]", "[80, 160]", "[x]"):
         with pytest.raises(UserError, match="schedule.milestones"):
-            resolve(recipe("static"), None, [f"schedule.milestones={bad}"])
+            resolve(recipe("static"), None, ["schedule.milestones", bad])
 
 
 @pytest.mark.slow
@@ -324,11 +324,12 @@ def test_train_cls_trains_the_continuous_recipe_on_fashion_mnist(tmp_path):
     make_fashion_mnist(str(tmp_path / "fm"), n_train=64, n_val=20)
     out = str(tmp_path / "out")
     argv = [
-        "--config", recipe("continuous"), "model.wiring=random",
-        "model.kwargs={dim: 24, downsample_dim: 4, feature_dim: 4, k: 0.1}",
-        f"data.fashion_mnist_dir={tmp_path}/fm", "data.train_size=16", "data.test_size=16",
-        "schedule.epochs=2", "schedule.milestones=[1]", "train.batch_size=16",
-        "optim.reference_batch=16", "train.complexity=false", "--output-dir", out,
+        "--config", recipe("continuous"), "model.wiring", "random",
+        "model.kwargs", "{dim: 24, downsample_dim: 4, feature_dim: 4, keep: 0.1}",
+        "data.fashion_mnist_dir", f"{tmp_path}/fm", "data.train_size", "16",
+        "data.test_size", "16", "schedule.epochs", "2", "schedule.milestones", "[1]",
+        "train.batch_size", "16", "optim.reference_batch", "16", "train.complexity", "false",
+        "--output-dir", out,
     ]  # fmt: skip
     assert load_tool().main(argv) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -13,12 +13,12 @@ from rwdet.nn.sparse_layers import PopupConv2d, PopupLinear, nonaffine_batchnorm
 def test_popup_weights_bit_identical_after_sgd_with_momentum_and_weight_decay():
     torch.manual_seed(0)
     model = nn.Sequential(
-        PopupConv2d(3, 8, 3, padding=1, k=0.5),
+        PopupConv2d(3, 8, 3, padding=1, keep=0.5),
         nonaffine_batchnorm(8),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        PopupLinear(8, 4, k=0.5),
+        PopupLinear(8, 4, keep=0.5),
     )
     fixed = [m.weight.detach().clone() for m in (model[0], model[5])]
     scores = [m.scores.detach().clone() for m in (model[0], model[5])]
@@ -40,7 +40,7 @@ def test_popup_weights_bit_identical_after_sgd_with_momentum_and_weight_decay():
 
 @pytest.mark.parametrize("k", [0.05, 0.3, 0.5, 0.7, 1.0])
 def test_exactly_round_k_n_kept_per_layer_even_with_tied_scores(k):
-    conv = PopupConv2d(4, 6, 3, k=k)
+    conv = PopupConv2d(4, 6, 3, keep=k)
     n = conv.weight.numel()  # 216
     expected = max(1, math.floor(k * n + 0.5))
     assert int(conv.kept_mask().sum()) == expected
@@ -56,7 +56,7 @@ def test_exactly_round_k_n_kept_per_layer_even_with_tied_scores(k):
 def test_fixed_weight_initialisations(init, scale):
     torch.manual_seed(0)
     k = 0.3
-    conv = PopupConv2d(64, 128, 3, k=k, init=init, scale=scale)
+    conv = PopupConv2d(64, 128, 3, keep=k, init=init, scale=scale)
     fan_in = 64 * 9
     std = math.sqrt(2.0 / fan_in) / (math.sqrt(k) if scale else 1.0)
     w = conv.weight
@@ -69,7 +69,7 @@ def test_fixed_weight_initialisations(init, scale):
 
 def test_score_gradient_is_straight_through():
     torch.manual_seed(0)
-    lin = PopupLinear(5, 3, k=0.4)
+    lin = PopupLinear(5, 3, keep=0.4)
     x = torch.randn(7, 5)
     out = lin(x)
     upstream = torch.randn_like(out)
@@ -84,7 +84,7 @@ def test_score_gradient_is_straight_through():
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="fraction of weights KEPT"):
-        PopupConv2d(3, 3, 3, k=30)
+        PopupConv2d(3, 3, 3, keep=30)
     with pytest.raises(ValueError, match="init='xavier'"):
         PopupConv2d(3, 3, 3, init="xavier")
     with pytest.raises(ValueError, match="bias=False"):
@@ -98,7 +98,7 @@ def test_bad_arguments_raise_clear_errors():
 def test_randwire_popup_learns_only_scores_and_has_no_affine_bn():
     model = build_model(
         "randwire_small", channels=8, nodes=6, wiring="popup", num_classes=5, stem="small",
-        wiring_options={"k": 0.5, "init": "kaiming_normal", "scale": False},
+        wiring_options={"keep": 0.5, "init": "kaiming_normal", "scale": False},
     )  # fmt: skip
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("scores") for n in trainable)
@@ -109,7 +109,9 @@ def test_randwire_popup_learns_only_scores_and_has_no_affine_bn():
         not m.affine for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
     )
     assert all(
-        m.k == 0.5 and m.init == "kaiming_normal" for m in model.modules() if hasattr(m, "scores")
+        m.keep == 0.5 and m.init == "kaiming_normal"
+        for m in model.modules()
+        if hasattr(m, "scores")
     )
     # Aggregation edges: each node's in-edges are one layer; every node keeps at least one.
     gates = model.conv4.gates
@@ -126,7 +128,7 @@ def test_popup_gates_exact_per_node_count_with_ties_and_gradient_to_scores():
     spec = GraphSpec(
         n=6, edges=((0, 3), (1, 3), (2, 3), (0, 4), (3, 4), (1, 5), (2, 5), (3, 5), (4, 5))
     )
-    gates = PopupGates(spec, k=0.3)
+    gates = PopupGates(spec, keep=0.3)
     with torch.no_grad():
         gates.scores.fill_(1.0)  # all tied
     kept = gates.kept_mask()
@@ -147,7 +149,7 @@ def test_popup_gates_follow_the_chosen_distribution(init):
     from rwdet.nn.learned_gates import PopupGates
 
     spec = GraphSpec.generate("ws", 32, 1, k=4, p=0.75)
-    gates = PopupGates(spec, k=0.5, init=init, scale=True)
+    gates = PopupGates(spec, keep=0.5, init=init, scale=True)
     indeg = {}
     for _, v in gates.edges:
         indeg[v] = indeg.get(v, 0) + 1

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from rwdet.complexity import count_flops
+from rwdet.complexity import sparse_complexity
+from rwdet.complexity.traced import count_flops
 from rwdet.models import build_model, stage_outputs
 from rwdet.nn.export import export_subnetwork
 from rwdet.nn.sparse_layers import SPARSE_LAYERS, PopupConv2d, PopupLinear
-from rwdet.sparse_complexity import sparse_complexity
 
 
 def tiny_randwire(wiring, **kw):
@@ -23,7 +23,7 @@ def test_resnet_popup_structure():
     model = build_model("resnet50_popup", layers=[1, 1, 1, 1], num_classes=10)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(isinstance(m, PopupConv2d) for m in convs)
-    assert isinstance(model.fc, PopupLinear) and model.k == 0.3
+    assert isinstance(model.fc, PopupLinear) and model.keep == 0.3
     assert all(not m.affine for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert all(n.endswith("scores") for n, p in model.named_parameters() if p.requires_grad)
     feats = stage_outputs(model, torch.randn(1, 3, 64, 64))
@@ -52,7 +52,7 @@ def test_counts_agree_with_fvcore_for_dense_models_and_popup_dense_counts():
 
 def test_randwire_popup_export_same_outputs():
     torch.manual_seed(0)
-    model = tiny_randwire("popup", wiring_options={"k": 0.5})
+    model = tiny_randwire("popup", wiring_options={"keep": 0.5})
     x = torch.randn(4, 3, 32, 32)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=10.0)
     for _ in range(2):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from classification import builders
 from classification import config as C
-from classification import trainer
 from rwdet.complexity import complexity
 from rwdet.graphs import GENERATORS
 from rwdet.models import build_model, get_graphs
@@ -72,7 +72,7 @@ def test_train_cls_offers_and_builds_a_registered_generator_and_node_op(register
     cfg = C.resolve(args.config, tool.flags_from_args(args), args.opts)
     assert (cfg["model"]["gen"], cfg["model"]["node_op"]) == (GEN, OP)
     # The model the trainer builds from that config really uses both.
-    model = trainer.build(trainer.model_spec(cfg, num_classes=10, in_channels=1))
+    model = builders.build(builders.model_spec(cfg, num_classes=10, in_channels=1))
     assert all(g.edges == tuple(chain(g.n, None)) for g in get_graphs(model).values())
     ops = [m for m in model.modules() if isinstance(m, PointwiseOp)]
     assert len(ops) == 3 * 6  # every node of the three random stages
@@ -80,13 +80,13 @@ def test_train_cls_offers_and_builds_a_registered_generator_and_node_op(register
 
 
 def test_config_overrides_validate_against_the_registries(registered):
-    cfg = C.resolve(None, {}, [f"model.gen={GEN}", f"model.node_op={OP}"])
+    cfg = C.resolve(None, {}, ["model.gen", GEN, "model.node_op", OP])
     assert (cfg["model"]["gen"], cfg["model"]["node_op"]) == (GEN, OP)
     registered.undo()  # unregistered again: the same config is one clear error naming the choices
     with pytest.raises(UserError, match=f"model.gen='{GEN}'.*one of 'er', 'ba', 'ws'"):
-        C.resolve(None, {}, [f"model.gen={GEN}"])
+        C.resolve(None, {}, ["model.gen", GEN])
     with pytest.raises(UserError, match=f"model.node_op='{OP}'.*'maxpool', 'avgpool'"):
-        C.resolve(None, {}, [f"model.node_op={OP}"])
+        C.resolve(None, {}, ["model.node_op", OP])
 
 
 def test_analyze_accepts_a_registered_generator_and_node_op(registered):

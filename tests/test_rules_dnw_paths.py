@@ -28,11 +28,7 @@ from rwdet.nn import GraphStage
 from rwdet.nn.fused import fusable
 from rwdet.nn.learned_gates import DNWGates
 
-PATHS = {
-    "reference": {"fused": False, "recompute": False},
-    "recompute": {"fused": False, "recompute": True},
-    "fused": {"fused": True, "recompute": False},
-}
+PATHS = {path: {"execution": path} for path in ("reference", "recompute", "fused")}
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 

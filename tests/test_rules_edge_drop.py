@@ -75,7 +75,7 @@ class _Const(torch.nn.Module):
 
 def test_the_dropped_edge_removes_exactly_its_term_from_the_node_input():
     spec = GraphSpec(n=5, edges=((0, 2), (1, 2), (0, 3), (2, 3), (1, 3), (3, 4)))
-    stage = GraphStage(spec, 1, 1, stride=1, gates=_gates(spec, p=0.5), fused=False)
+    stage = GraphStage(spec, 1, 1, stride=1, gates=_gates(spec, p=0.5), execution="reference")
     for v in range(spec.n):
         stage.nodes[v] = _Const(float(3**v))  # Z_v = 3**v: every subset sum is distinct
     clean = stage.gates.eval()().detach()

@@ -126,7 +126,7 @@ def test_dnw_active_edges_are_the_budget_largest_abs_weights():
 
 
 def test_popup_active_edges_are_each_nodes_top_k_by_abs_score():
-    gates = PopupGates(SPEC4, k=0.5)  # kept per node: round(k * indeg) >= 1 -> 1, 1, 2
+    gates = PopupGates(SPEC4, keep=0.5)  # kept per node: round(k * indeg) >= 1 -> 1, 1, 2
     with torch.no_grad():
         gates.scores.copy_(torch.tensor([-0.1, 0.2, -0.3, 0.9, -0.5, 0.1]))
     assert gates.active_edges() == [(0, 1), (0, 3), (1, 2), (1, 3)]
@@ -137,9 +137,9 @@ def test_popup_active_edges_are_each_nodes_top_k_by_abs_score():
 def test_popup_fixed_weights_follow_the_fan_in_rule_and_defaults():
     # signed constant: |w_uv| = 1/sqrt(indeg(v) * k) with scale (the default), else 1/sqrt(indeg).
     default = PopupGates(SPEC4)
-    assert default.k == 0.3 and default.scale is True and default.init == "signed_constant"
+    assert default.keep == 0.3 and default.scale is True and default.init == "signed_constant"
     assert torch.allclose(default.weight.abs(), 1.0 / torch.sqrt(INDEG4 * 0.3))
-    unscaled = PopupGates(SPEC4, k=0.5, scale=False)
+    unscaled = PopupGates(SPEC4, keep=0.5, scale=False)
     assert unscaled.scale is False
     assert torch.allclose(unscaled.weight.abs(), 1.0 / torch.sqrt(INDEG4))
     assert not default.weight.requires_grad

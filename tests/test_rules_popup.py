@@ -49,12 +49,12 @@ def assert_forward_uses_top_scores(layer, inp, out, k):
 @pytest.mark.parametrize(
     "k,make",
     [
-        (0.5, lambda k: PopupConv2d(1, 1, (1, 5), k=k)),  # k*n = 2.5 -> 3 (not banker's 2)
-        (0.3, lambda k: PopupConv2d(1, 1, (1, 5), k=k)),  # 1.5 -> 2
-        (0.25, lambda k: PopupConv2d(2, 1, (1, 5), k=k)),  # 2.5 -> 3
-        (0.05, lambda k: PopupConv2d(2, 1, (1, 5), k=k)),  # 0.5 -> 1
-        (0.01, lambda k: PopupLinear(7, 3, k=k)),  # 0.21 -> 0, clamped to 1
-        (0.5, lambda k: PopupLinear(7, 3, k=k)),  # 10.5 -> 11
+        (0.5, lambda k: PopupConv2d(1, 1, (1, 5), keep=k)),  # k*n = 2.5 -> 3 (not banker's 2)
+        (0.3, lambda k: PopupConv2d(1, 1, (1, 5), keep=k)),  # 1.5 -> 2
+        (0.25, lambda k: PopupConv2d(2, 1, (1, 5), keep=k)),  # 2.5 -> 3
+        (0.05, lambda k: PopupConv2d(2, 1, (1, 5), keep=k)),  # 0.5 -> 1
+        (0.01, lambda k: PopupLinear(7, 3, keep=k)),  # 0.21 -> 0, clamped to 1
+        (0.5, lambda k: PopupLinear(7, 3, keep=k)),  # 10.5 -> 11
     ],
 )
 def test_layer_forward_keeps_round_half_up_k_n_largest_abs_scores(k, make):
@@ -71,7 +71,7 @@ def popup_resnet(k: float = 0.3):
     torch.manual_seed(0)
     return build_model(
         "resnet50_popup", layers=[1, 1, 1, 1], width_per_group=8, num_classes=10, stem="small",
-        k=k,
+        keep=k,
     )  # fmt: skip
 
 
@@ -98,6 +98,6 @@ def test_popup_resnet_every_layer_keeps_top_k_by_abs_score_in_its_forward():
         h.remove()
     assert set(seen) == {name for name, _ in layers}
     for name, m in layers:
-        assert m.k == 0.3, name
+        assert m.keep == 0.3, name
         inp, out = seen[name]
         assert_forward_uses_top_scores(m, inp, out, 0.3)

@@ -73,7 +73,7 @@ def test_grid_expands_to_every_combination_with_distinct_folders(tmp_path):
                                                "init": "signed_constant", "seed": 1})  # fmt: skip
     rec = r["recipe"]
     assert rec["model"] == {"name": "conv6", "wiring": "popup",
-                            "kwargs": {"k": 0.7, "init": "signed_constant"}}  # fmt: skip
+                            "kwargs": {"keep": 0.7, "init": "signed_constant"}}  # fmt: skip
     assert rec["seed"] == 1 and rec["schedule"]["epochs"] == 3 and rec["output_dir"] == r["dir"]
     assert all(d["recipe"]["optim"]["lr"] == 0.01 and d["baseline"] for d in dense)
     assert "optim" not in r["recipe"]  # the dense group's config stays its own
@@ -93,7 +93,7 @@ def test_fixed_k_keeps_the_number_of_kept_weights(tmp_path, monkeypatch):
     group = {"name": "fixed", "grid": {"wiring": ["popup"], "width": [1.0, 2.0], "fixed_k": [0.5]}}
     spec = dict(SPEC, groups=[group], figures=[], presets={})
     runs = expand(resolve_spec(write_spec(tmp_path, spec)), str(tmp_path / "out"))
-    ks = {r["axes"]["width"]: r["recipe"]["model"]["kwargs"]["k"] for r in runs}
+    ks = {r["axes"]["width"]: r["recipe"]["model"]["kwargs"]["keep"] for r in runs}
     assert ks == {1.0: 0.5, 2.0: 0.125}
     spec["groups"][0]["grid"]["width"] = [0.5]
     with pytest.raises(UserError, match="needs k=2 > 1"):
@@ -318,6 +318,6 @@ def test_adam_baseline_is_a_trainer_choice():
     """§4.1's Adam baseline needs optim.name=adam; anything else is refused naming the key."""
     from classification.config import resolve
 
-    assert resolve(None, None, ["optim.name=adam"])["optim"]["name"] == "adam"
+    assert resolve(None, None, ["optim.name", "adam"])["optim"]["name"] == "adam"
     with pytest.raises(UserError, match="optim.name"):
-        resolve(None, None, ["optim.name=rmsprop"])
+        resolve(None, None, ["optim.name", "rmsprop"])

@@ -82,11 +82,11 @@ def test_every_init_has_its_formula_std(init, scale, kind):
     torch.manual_seed(0)
     k = 0.3
     if kind == "popup":
-        conv = PopupConv2d(16, 48, 3, k=k, init=init, scale=scale)
-        lin = PopupLinear(600, 200, k=k, init=init, scale=scale)
+        conv = PopupConv2d(16, 48, 3, keep=k, init=init, scale=scale)
+        lin = PopupLinear(600, 200, keep=k, init=init, scale=scale)
     else:
-        conv = SupermaskConv2d(16, 48, 3, k=k, init=init, scale=scale)
-        lin = SupermaskLinear(600, 200, k=k, init=init, scale=scale)
+        conv = SupermaskConv2d(16, 48, 3, keep=k, init=init, scale=scale)
+        lin = SupermaskLinear(600, 200, keep=k, init=init, scale=scale)
     for name, layer in (("conv", conv), ("linear", lin)):
         w = layer.weight
         std = formula_std(init, *FANS[name], k, scale)

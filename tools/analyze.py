@@ -2,6 +2,7 @@
 """Analysis tools for rwdet models.
 
 python tools/analyze.py complexity randwire_c109 --gen ws --k 4 --p 0.75 --seed 1 [--json]
+python tools/analyze.py complexity randwire_small --method traced  # fvcore's count instead
 python tools/analyze.py complexity --table          # RandWire Tables 2-4, seeds 1-5, vs paper
 python tools/analyze.py graph randwire_small --seed 1 --out output/graphs
 python tools/analyze.py graph output/det/<run>/model_final.pth   # or best.pth, a converted .pkl
@@ -62,7 +63,7 @@ def cmd_complexity(args):
     model = build_model(args.model, **kwargs)
     if args.model.startswith("neuralgraph_"):  # DNW Table 1: kept edges x evaluations of f
         return _neural_graph_complexity(args, model, kwargs)
-    c = complexity(model, input_size=args.input_size)
+    c = complexity(model, input_size=args.input_size, method=args.method)
     c["model"], c["kwargs"] = args.model, kwargs
     if args.json:
         print(json.dumps(c))
@@ -76,13 +77,13 @@ def cmd_complexity(args):
 
 
 def _neural_graph_complexity(args, model, kwargs):
-    """fvcore would count every candidate edge of the dense edge matrix; these models are
-    counted by ``rwdet.sparse_complexity`` (kept edges, live nodes), with the continuous
+    """A dense count would count every candidate edge of the dense edge matrix; these models
+    are counted by ``rwdet.complexity.sparse`` (kept edges, live nodes), with the continuous
     model's function evaluations measured on 16 seeded N(0, 1) images (not all-zero ones,
     whose trivial dynamics the solver crosses in a few steps)."""
     import torch
 
-    from rwdet.sparse_complexity import sparse_complexity
+    from rwdet.complexity import sparse_complexity
 
     c = sparse_complexity(model, args.input_size)
     graph = model.graph
@@ -169,7 +170,7 @@ def main(argv=None):
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("complexity", help="params, FLOPs (fvcore) and activations")
+    p = sub.add_parser("complexity", help="params, FLOPs and activations")
     p.add_argument("model_name", nargs="?", help="registered model name (or --model)")
     add_model_args(p, default_model=None)
     p.add_argument("--input-size", type=int, default=224)
@@ -178,6 +179,12 @@ def main(argv=None):
         "--table", action="store_true", help="RandWire Tables 2-4 (seeds 1-5), DNW Table 3"
     )
     p.add_argument("--zoo", action="store_true", help="every registered model: dense/kept size")
+    p.add_argument(
+        "--method",
+        choices=("analytic", "traced"),
+        default="analytic",
+        help="one model's count: from op shapes (default) or fvcore's JIT trace (the reference)",
+    )
     p.set_defaults(func=cmd_complexity)
     p = sub.add_parser("graph", help="PNG plots of every stage graph (Figure 4 style)")
     p.add_argument(

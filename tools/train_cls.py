@@ -6,8 +6,10 @@
     torchrun --nproc_per_node=8 tools/train_cls.py --config ... --data ...
     python tools/train_cls.py --config ... --data ... --eval-only --weights RUN/best.pth
 
-Flags override the config file; trailing KEY=VALUE pairs override any config key
-(e.g. optim.lr=0.05 train.ema=true). See classification/config.py for every key.
+Flags override the config file; KEY VALUE pairs after the flags override any config key, as
+detectron2's opts (e.g. optim.lr 0.05 train.ema true model.kwargs.dropout 0.1; quote a value
+with spaces: schedule.milestones '[80, 120]'). Every key, with its comment:
+classification/defaults.py or --print-config. The old form optim.lr=0.05 still works.
 A mistake is reported in one line (exit code 2); --debug or RWDET_DEBUG=1 shows the traceback.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,7 +26,7 @@ if __name__ == "__main__":  # before torch loads: the allocator is chosen at pro
 
     use_preferred_allocator()
 
-from classification.config import resolve  # noqa: E402
+from classification.config import deprecation_note, resolve, split_overrides, to_yaml  # noqa: E402
 from rwdet.models.args import GEN_PARAM_FLAGS, add_model_args  # noqa: E402
 from rwdet.run.errors import UserError, run_cli  # noqa: E402
 
@@ -37,12 +40,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {PROG} --help)")
 
 
+# A value such as -1e-3 after a key is a value, not an unknown flag: Python 3.11's argparse
+# takes only -1 and -1.5 for negative numbers, 3.13's any "-digit" (the rule used here).
+_NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+
+
 def parse_args(argv=None):
     return build_parser().parse_intermixed_args(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p._negative_number_matcher = _NEGATIVE_NUMBER
     p.add_argument("--config", help="recipe YAML, e.g. configs/cls/randwire_small.yaml")
     add_model_args(p, default_model=None)  # --gen / --node-op choices: the live registries
     g = p.add_argument_group("data and schedule")
@@ -66,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-output-dir",
         action="store_true",
         help="print the output folder this command would use, and exit (for scripts)",
+    )
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (YAML, every key commented), and exit",
     )
     g.add_argument(
         "--resume",
@@ -98,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across CUDA processes")
     g.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument(
+        "opts",
+        nargs="*",
+        metavar="KEY VALUE",
+        help="config overrides after the flags, e.g. optim.lr 0.05 model.kwargs.dropout 0.1",
+    )
     return p
 
 
@@ -144,9 +163,15 @@ def flags_from_args(a) -> dict:
 
 def train(argv: list[str]) -> None:
     args = parse_args(argv)
+    _, old = split_overrides(args.opts)
+    if old and os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        print(f"{PROG}: {deprecation_note(old)}", file=sys.stderr)
     cfg = resolve(args.config, flags_from_args(args), args.opts)
     if args.print_output_dir:
         print(cfg["output_dir"])
+        return
+    if args.print_config:
+        print(to_yaml(cfg), end="")
         return
     from classification.trainer import main as run
 

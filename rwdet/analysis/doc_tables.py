@@ -22,8 +22,8 @@ def sparse(name: str, **kwargs) -> dict:
     if key not in _SPARSE:
         import torch
 
+        from rwdet.complexity import sparse_complexity
         from rwdet.models import build_model
-        from rwdet.sparse_complexity import sparse_complexity
 
         torch.manual_seed(0)
         model = build_model(name, **kwargs)
@@ -137,13 +137,13 @@ SPARSE_ROWS = (
     ("randwire_small, popup", "randwire_small", {"wiring": "popup"}),
     ("randwire_c109, dnw", "randwire_c109", {"wiring": "dnw"}),
     ("randwire_c109, popup", "randwire_c109", {"wiring": "popup"}),
-    ("resnet50_dnw (k=0.1)", "resnet50_dnw", {}),
+    ("resnet50_dnw (keep=0.1)", "resnet50_dnw", {}),
     (
-        "resnet50_dnw (k=0.2, first layer dense)",
+        "resnet50_dnw (keep=0.2, first layer dense)",
         "resnet50_dnw",
-        {"k": 0.2, "first_layer_dense": True},
+        {"keep": 0.2, "first_layer_dense": True},
     ),
-    ("resnet50_popup (k=0.3)", "resnet50_popup", {}),
+    ("resnet50_popup (keep=0.3)", "resnet50_popup", {}),
     ("resnet101_popup", "resnet101_popup", {}),
     ("wide_resnet50_popup", "wide_resnet50_popup", {}),
 )
@@ -196,17 +196,23 @@ def block_graphs() -> str:
 
 
 def block_node_op_widths() -> str:
-    from rwdet.models.width import matched_channels
+    from rwdet.complexity.meta import meta_build
+    from rwdet.models import build_model
 
-    small = {op: matched_channels("small", 78, 32, op) for op in ("conv", "maxpool", "avgpool")}
-    reg = {op: matched_channels("regular", 109, 32, op) for op in ("conv", "maxpool", "avgpool")}
+    def width(name: str, op: str) -> int:  # the C the model itself chooses (seed 1)
+        with meta_build():
+            model = build_model(name, node_op=op, seed=1)
+        return model.stage_channels["conv2"]
+
+    small = {op: width("randwire_small", op) for op in ("conv", "maxpool", "avgpool")}
+    reg = {op: width("randwire_c109", op) for op in ("conv", "maxpool", "avgpool")}
     pool = lambda d: (  # noqa: E731
         f"{d['maxpool']} for the pooling ops"
         if d["maxpool"] == d["avgpool"]
         else f"{d['maxpool']} for maxpool, {d['avgpool']} for avgpool"
     )
     return (
-        f"(`rwdet.models.width.matched_channels`, seed 1: C=78 becomes {small['conv']} for "
+        f"(`rwdet.complexity.matched_width`, seed 1: C=78 becomes {small['conv']} for "
         f"`conv`, {pool(small)} in the small regime; C=109 becomes {reg['conv']} and "
         f"{pool(reg)}).\n"
     )

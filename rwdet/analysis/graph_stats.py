@@ -40,5 +40,7 @@ def graphs_from_checkpoint(path: str) -> dict[str, GraphSpec]:
     record = load_graph_record(path)
     if not record.get("graphs"):
         raise UserError(f"{path!r} holds no stage graphs (a model without random graphs?)")
-    spec = record.get("model_spec")
+    from rwdet.models.artifact import upgrade_spec
+
+    spec = upgrade_spec(record.get("model_spec"))  # keywords renamed since it was written
     return checked_graphs(record, repr(path), spec=spec if isinstance(spec, dict) else None)

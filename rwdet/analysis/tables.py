@@ -6,6 +6,7 @@ import statistics
 
 from rwdet.analysis.paper import RANDWIRE
 from rwdet.complexity import complexity
+from rwdet.complexity.meta import meta_build
 from rwdet.models import build_model
 
 PAPER_SEEDS = (1, 2, 3, 4, 5)  # "We use the same seeds 1, ..., 5 for all experiments."
@@ -13,22 +14,46 @@ PAPER_SEEDS = (1, 2, 3, 4, 5)  # "We use the same seeds 1, ..., 5 for all experi
 
 def seed_table(model: str, input_size: int = 224, seeds=PAPER_SEEDS, **kwargs) -> dict:
     """Per-seed params/FLOPs of ``model`` and their mean and std (sample std, as the paper)."""
-    rows = []
+    return seed_tables(model, (input_size,), seeds, **kwargs)[0]
+
+
+def seed_tables(model: str, sizes, seeds=PAPER_SEEDS, **kwargs) -> list[dict]:
+    """``seed_table`` at each input size in ``sizes``, building each seed's network once.
+
+    The networks are built on the ``meta`` device: a dense model's counts need shapes only, so
+    no weight is drawn and no arithmetic runs (``rwdet.complexity.analytic``)."""
+    rows: dict[int, list[dict]] = {size: [] for size in sizes}
     for seed in seeds:
-        c = complexity(build_model(model, seed=seed, **kwargs), input_size=input_size)
-        rows.append({"seed": seed, "flops_m": c["flops"] / 1e6, "params_m": c["params"] / 1e6})
-    summary = {"model": model, "input_size": input_size, "rows": rows}
-    for key in ("flops_m", "params_m"):
-        values = [r[key] for r in rows]
-        summary[key] = statistics.mean(values)
-        summary[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return summary
+        with meta_build():
+            net = build_model(model, seed=seed, **kwargs)
+        for size in sizes:
+            c = complexity(net, input_size=size)
+            rows[size].append(
+                {"seed": seed, "flops_m": c["flops"] / 1e6, "params_m": c["params"] / 1e6}
+            )
+    out = []
+    for size in sizes:
+        summary = {"model": model, "input_size": size, "rows": rows[size]}
+        for key in ("flops_m", "params_m"):
+            values = [r[key] for r in rows[size]]
+            summary[key] = statistics.mean(values)
+            summary[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(summary)
+    return out
 
 
 def randwire_tables(seeds=PAPER_SEEDS) -> list[dict]:
+    """RandWire Tables 2-4: every ``RANDWIRE`` row (``model@size``), in that order."""
+    sizes: dict[str, list[int]] = {}
+    for key, (size, *_) in RANDWIRE.items():
+        sizes.setdefault(key.split("@")[0], []).append(size)
+    tables = {}
+    for model, model_sizes in sizes.items():
+        for t in seed_tables(model, model_sizes, seeds):
+            tables[model, t["input_size"]] = t
     out = []
     for key, (size, f, fs, p, ps, source) in RANDWIRE.items():
-        t = seed_table(key.split("@")[0], input_size=size, seeds=seeds)
+        t = dict(tables[key.split("@")[0], size])
         t["paper"] = {"flops_m": f, "flops_m_std": fs, "params_m": p, "params_m_std": ps}
         t["source"] = source
         out.append(t)
@@ -65,8 +90,8 @@ def zoo_rows(names=None, input_size: int = 224) -> list[dict]:
     """Dense and kept params/FLOPs of registered models (sparse models at initialisation)."""
     import torch
 
+    from rwdet.complexity import sparse_complexity
     from rwdet.models import list_models
-    from rwdet.sparse_complexity import sparse_complexity
 
     rows = []
     for name in names or list_models():

@@ -157,6 +157,9 @@ def build_rwdet_bottom_up(cfg, spec: BackboneSpec | None = None) -> RwdetBackbon
     if not caps.features:
         raise ValueError(f"model {spec.name!r} has no stage features; it cannot be a backbone")
 
+    if cfg.MODEL.RWDET.EXECUTION != "auto":  # how stages run, not what they are: not recorded
+        kwargs["execution"] = cfg.MODEL.RWDET.EXECUTION
+
     def build(**extra):
         try:
             return build_model(spec.name, **kwargs, **extra)

@@ -56,6 +56,11 @@ def add_rwdet_config(cfg: CN) -> None:
     # Norm layer of the whole backbone: "FrozenBN" (fine-tuning default, as Detectron), "BN",
     # "SyncBN" (multi-GPU) or "GN" (32 groups; channel counts must be multiples of 32).
     _C.MODEL.RWDET.NORM = "FrozenBN"
+    # How the graph stages run a training step (rwdet.nn.execution): "auto" (the fused op,
+    # one saved tensor per node, where a stage allows it — FrozenBN and BN sepconv stages do —
+    # else node by node), "reference" (node by node, plain autograd), "recompute" (each node
+    # checkpointed) or "fused" (refused for a stage that cannot run it). Same results each way.
+    _C.MODEL.RWDET.EXECUTION = "auto"
     # Edge drop probability while fine-tuning (RandWire regular-regime regulariser). The paper
     # does not say it is used for detection; 0 disables it.
     _C.MODEL.RWDET.EDGE_DROP = 0.0
@@ -63,6 +68,6 @@ def add_rwdet_config(cfg: CN) -> None:
     # with strides 2, 4, 8, 16, 32.
     _C.MODEL.RWDET.OUT_FEATURES = ["conv2", "conv3", "conv4", "conv5"]
     # Further build_model keyword arguments as a YAML mapping in a config file, e.g.
-    #   EXTRA_KWARGS: {wiring_options: {k: 0.3}, head_channels: 256}
+    #   EXTRA_KWARGS: {wiring_options: {keep: 0.3}, head_channels: 256}
     # (yacs cannot add new keys from the command line; put them in a YAML file). Empty: none.
     _C.MODEL.RWDET.EXTRA_KWARGS = CN(new_allowed=True)

@@ -29,6 +29,7 @@ from torch import nn
 from rwdet.d2.weights import AUTHOR, BACKBONE_PREFIX, META_KEY, to_numpy_state
 from rwdet.graphs import graphs_fingerprint, graphs_to_dict
 from rwdet.models import CLASSIFIER_MODULES, ModelSpec, build_model
+from rwdet.models.artifact import upgrade_spec
 
 # Child modules that form a classifier (dropped: a detector never uses them, and parameters
 # without gradients would break DDP).
@@ -104,7 +105,7 @@ def convert_rwdet_checkpoint(ckpt: dict, use_ema: bool = False, where: str = "ch
     file in the errors.
     """
     _check_contract(ckpt)
-    spec = ckpt["model_spec"]
+    spec = upgrade_spec(ckpt["model_spec"])  # keywords renamed since the file was written
     kwargs = dict(spec.get("kwargs") or {})
     model_spec = ModelSpec.from_record(ckpt, where)  # graphs checked against file and spec
     graphs = model_spec.graphs

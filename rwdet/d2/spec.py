@@ -27,6 +27,7 @@ from rwdet.graphs import (
     load_graphs,
 )
 from rwdet.models import build_model, get_graphs, list_models
+from rwdet.models.artifact import upgrade_spec
 from rwdet.models.verify import spec_graphs, verify_graphs
 from rwdet.run.errors import UserError
 
@@ -57,7 +58,7 @@ def _extra_kwargs(extra) -> dict:
     if not isinstance(extra, dict):
         raise ValueError(
             f"MODEL.RWDET.EXTRA_KWARGS={extra!r} must be a mapping such as "
-            "{'wiring_options': {'k': 0.3}}"
+            "{'wiring_options': {'keep': 0.3}}"
         )
     return _plain(extra)
 
@@ -167,7 +168,7 @@ def resolve_backbone_spec(cfg) -> BackboneSpec:
     c = cfg.MODEL.RWDET
     weights = cfg.MODEL.WEIGHTS
     meta, rwdet_tensors = read_weights_info(weights)
-    wspec = (meta or {}).get("model_spec")
+    wspec = upgrade_spec((meta or {}).get("model_spec"))  # files keep their old keywords
     if meta is not None and wspec is None:
         raise ValueError(
             f"MODEL.WEIGHTS={weights!r} holds a detectron2 ResNet (torchvision layout), not an "

@@ -15,6 +15,10 @@ weights. ``read_model_file`` accepts every file rwdet writes:
 Paths and URIs go through ``rwdet.file_io`` (iopath: local, ``file://``, ``https://``); files
 are read with ``torch.load(weights_only=True)`` (``.pkl``: an allow-list unpickler), and the
 graphs are checked (``rwdet.models.verify``) before any model is built.
+
+Renamed keywords: files record the build keywords of the day they were written, so keywords
+renamed since are translated when a file is read (``upgrade_spec``), never when a caller
+passes them (then the model refuses the old name with a pointer to the new one).
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from rwdet.graphs import GraphSpec, graphs_fingerprint, graphs_from_dict, graphs
 from rwdet.models.registry import CLASSIFIER_MODULES, build_model, get_graphs
 from rwdet.run.errors import UserError
 
-__all__ = ["ModelFile", "ModelSpec", "load_model", "read_model_file", "save_model"]
+__all__ = [
+    "ModelFile",
+    "ModelSpec",
+    "load_model",
+    "read_model_file",
+    "save_model",
+    "upgrade_kwargs",
+    "upgrade_spec",
+]
 
 FORMAT = "rwdet-model/1"
 # Where a Detectron2 file keeps the backbone's spec/graphs and its tensors (rwdet.d2.weights;
@@ -42,6 +54,30 @@ _FIX = (
     "(model_final.pth), tools/convert_cls_to_d2.py (.pkl) or rwdet.models.save_model, or a "
     "state dict together with spec="
 )
+
+
+def upgrade_kwargs(kwargs: dict) -> dict:
+    """Stored build keywords in today's vocabulary. The fraction of weights kept was ``k``
+    (Conv2-Conv8, the sparse ResNets, the neural graphs, and RandWire's popup
+    ``wiring_options``) and is ``keep`` since ``k`` also named WS's neighbour count; that one,
+    inside ``gen_params``, is left alone. No model ever took another top-level ``k``."""
+    out = dict(kwargs)
+    if "k" in out:
+        if "keep" in out:
+            raise UserError(f"stored model keywords hold both k={out['k']!r} and keep=; edit one")
+        out = {("keep" if key == "k" else key): v for key, v in out.items()}
+    options = out.get("wiring_options")
+    if isinstance(options, dict) and "k" in options and "keep" not in options:
+        out["wiring_options"] = {("keep" if key == "k" else key): v for key, v in options.items()}
+    return out
+
+
+def upgrade_spec(spec):
+    """A stored ``{"name", "kwargs"}`` spec with ``upgrade_kwargs`` applied; anything else is
+    returned as it is (its reader reports what is wrong with it)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("kwargs"), dict):
+        return spec
+    return {**spec, "kwargs": upgrade_kwargs(spec["kwargs"])}
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -86,7 +122,7 @@ class ModelSpec:
         kwargs = stored.get("kwargs") or {}
         if not isinstance(kwargs, dict):
             raise UserError(f"{where}: its model_spec 'kwargs' is not a dict")
-        kwargs = {**kwargs, **(overrides or {})}
+        kwargs = {**upgrade_kwargs(kwargs), **(overrides or {})}
         kwargs.pop("graphs", None)
         graphs = checked_graphs(record, where, spec={"name": stored["name"], "kwargs": kwargs})
         return cls(stored["name"], kwargs, dict(graphs or {}))

@@ -6,11 +6,14 @@ every layer, then FC 256-256-classes; no BatchNorm. As in the authors' code
 (``models/frankle.py``, whose builder makes every layer with ``bias=False``) no layer has a
 bias, in every wiring, so the parameter counts below are weights only.
 
-``wiring`` chooses how the weights come about, the same keyword as everywhere in rwdet:
+``wiring`` chooses how the weights come about, the same keyword as everywhere in rwdet; the
+layer types come from the one wiring registry (``rwdet.nn.wiring``, level ``"weight"``):
 
 - ``"dense"``: ordinary learned weights (the paper's "Learned Dense Weights" baselines);
-- ``"popup"``: fixed random weights, edge-popup's top-``k`` subnetwork per layer (§3);
-- ``"supermask"``: fixed random weights, Zhou et al.'s sampled Bernoulli mask (§2, §4.4).
+- ``"popup"``: fixed random weights, edge-popup's top-``keep`` subnetwork per layer (§3);
+- ``"supermask"``: fixed random weights, Zhou et al.'s sampled Bernoulli mask (§2, §4.4);
+- ``"dnw"``: learned weights of which each layer uses its top-``keep`` ``|w|`` (DNW §3.4; not
+  in edge-popup's tables).
 
 The first FC layer reads the flattened last feature map, so its size follows ``input_size``
 (32 for CIFAR; 28 for Fashion-MNIST, where four pools of Conv8 leave 1x1). An adaptive pool
@@ -39,11 +42,10 @@ from torch import nn
 
 from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
 from rwdet.models.registry import register_model
-from rwdet.nn.choose import check_supermask_eval, kept_count
+from rwdet.nn.choose import check_supermask_eval, kept_count, refuse_k
 from rwdet.nn.inits import check_init, init_fixed_weight_
-from rwdet.nn.sparse_layers import PopupConv2d, PopupLinear, SupermaskConv2d, SupermaskLinear
+from rwdet.nn.wiring import layer_wiring
 
-WIRINGS = ("dense", "popup", "supermask")
 FC_HIDDEN = 256  # Table 1: FC 256, 256, classes
 
 
@@ -53,12 +55,13 @@ class ConvNet(StagedClassifier):
     Args:
         channels: conv width of each stage (one stage = two convs + max-pool).
         width: multiplier of every conv and FC hidden width (Figures 4, 5).
-        wiring: "dense", "popup" or "supermask".
-        k: popup: fraction of each layer's weights KEPT; supermask: only sizes the "scaled"
-            init (the fraction kept is learned); dense: unused.
+        wiring: "dense", "popup", "supermask" or any wiring registered at level "weight".
+        keep: popup/dnw: fraction of each layer's weights KEPT (the paper's k); supermask: only
+            sizes the "scaled" init (the fraction kept is learned); dense: unused. ``k=`` is
+            refused with a pointer to ``keep=``.
         init: weight distribution (``rwdet.nn.inits.FIXED_INITS``); default U_k
             ("signed_constant", the paper's best) for popup/supermask, N_k ("kaiming_normal",
-            the authors' dense baseline) for dense.
+            the authors' dense baseline) for learned weights.
         scale: the "scaled" variant of ``init`` (§4.5); popup/supermask only.
         eval_mask: supermask evaluation mask (``rwdet.nn.choose.SUPERMASK_EVAL``).
         input_size: side of the square input the FC head is sized for.
@@ -71,7 +74,7 @@ class ConvNet(StagedClassifier):
         channels: Sequence[int],
         width: float = 1.0,
         wiring: str = "dense",
-        k: float = 0.5,
+        keep: float = 0.5,
         init: str | None = None,
         scale: bool = False,
         eval_mask: str = "threshold",
@@ -79,21 +82,23 @@ class ConvNet(StagedClassifier):
         in_channels: int = 3,
         input_size: int = 32,
         dropout: float = 0.0,
+        k: float | None = None,
     ):
+        refuse_k(k, "ConvNet (conv2..conv8)")
         super().__init__()
         check_num_classes(num_classes)
         dropout = check_dropout(dropout)
-        if wiring not in WIRINGS:
-            raise ValueError(f"wiring={wiring!r} is not known; choose one of {list(WIRINGS)}")
-        if init is None:
-            init = "kaiming_normal" if wiring == "dense" else "signed_constant"
-        check_init(init)
-        kept_count(k, 1)  # validates k
+        if init is not None:
+            check_init(init)
+        kept_count(keep, 1)  # validates keep
         check_supermask_eval(eval_mask)
-        if wiring == "dense" and scale:
+        self._wiring = layer_wiring(wiring, keep=keep, init=init, scale=scale, eval_mask=eval_mask)
+        if init is None:
+            init = "kaiming_normal" if self._wiring.learned_weights else "signed_constant"
+        if self._wiring.learned_weights and scale:
             raise ValueError(
                 "scale=True sizes fixed weights for a subnetwork; use it with "
-                "wiring='popup' or 'supermask', not 'dense'"
+                f"wiring='popup' or 'supermask', not {wiring!r}"
             )
         if not width > 0:
             raise ValueError(f"width={width!r} must be > 0 (1 is Table 1's network)")
@@ -102,7 +107,7 @@ class ConvNet(StagedClassifier):
                 f"input_size={input_size} is too small for {len(channels)} 2x2 max-pools; "
                 f"use at least {2 ** len(channels)}"
             )
-        self.wiring, self.k, self.init, self.scale = wiring, float(k), init, bool(scale)
+        self.wiring, self.keep, self.init, self.scale = wiring, float(keep), init, bool(scale)
         self.eval_mask, self.input_size = eval_mask, int(input_size)
         widths = [max(1, round(c * width)) for c in channels]
         hidden = max(1, round(FC_HIDDEN * width))
@@ -139,16 +144,13 @@ class ConvNet(StagedClassifier):
         return self._layer(fin, fout, conv=False)
 
     def _layer(self, cin: int, cout: int, conv: bool) -> nn.Module:
-        shape = dict(kernel_size=3, padding=1, bias=False) if conv else {}
-        if self.wiring == "popup":
-            kind = PopupConv2d if conv else PopupLinear
-            return kind(cin, cout, k=self.k, init=self.init, scale=self.scale, **shape)
-        if self.wiring == "supermask":
-            kind = SupermaskConv2d if conv else SupermaskLinear
-            extra = dict(k=self.k, init=self.init, scale=self.scale, eval_mask=self.eval_mask)
-            return kind(cin, cout, **extra, **shape)
-        layer = nn.Conv2d(cin, cout, **shape) if conv else nn.Linear(cin, cout, bias=False)
-        init_fixed_weight_(layer.weight, self.init)  # the authors' builder inits dense ones too
+        w = self._wiring
+        if conv:
+            layer = w.conv_layer(cin, cout, kernel_size=3, padding=1, bias=False)
+        else:
+            layer = w.linear_layer(cin, cout, bias=False)
+        if w.learned_weights:  # the authors' builder inits learned ones with ``init`` too
+            init_fixed_weight_(layer.weight, self.init)
         return layer
 
     def stage_steps(self):

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from rwdet.nn.execution import log_execution
+
 
 class FeatureInfo(list):
     """One dict per stage (``num_chs``, ``reduction``, ``module``), plus column accessors.
@@ -105,6 +107,7 @@ class StagedClassifier(nn.Module, metaclass=abc.ABCMeta):
             x = step(x)
             if name in wanted:
                 out[name] = x
+        log_execution(self)  # the stages' execution paths, once (rwdet.nn.execution)
         return {name: out[name] for name in wanted}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +117,7 @@ class StagedClassifier(nn.Module, metaclass=abc.ABCMeta):
         """
         for _, step in self.stage_steps():
             x = step(x)
+        log_execution(self)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -173,6 +173,14 @@ class NeuralGraph(nn.Module):
         return src_live, dst_needed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The aggregation is the node-level one, ``I_r = sum_c w[r, c] * Z_c`` (DNW §2.1,
+        eq. 1), but over *channel* nodes, so it is written here as a matrix product and not
+        through ``rwdet.nn.aggregate.weighted_sum``: each ``Z_c`` is one channel, a block has
+        hundreds to thousands of them, and the sum for every later node at once is one 1x1
+        convolution of the block's outputs with its column block of ``w`` (a GEMM). Per
+        target node, ``weighted_sum`` would be one call per channel with as many 1-channel
+        parents; its ``dL/dw = <Z_c, dL/dI_r>`` is exactly what the convolution's weight
+        gradient computes, for all ``(r, c)`` in one product."""
         w = self.effective_weight()
         acc = None  # inputs of the blocks not yet run, concatenated
         row = col = 0
@@ -188,6 +196,29 @@ class NeuralGraph(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks={self.blocks}, budget={self.budget}, stride={self.stride}, {self.wiring}"
+
+    @torch.no_grad()
+    def kept_counts(self, cx) -> dict:
+        """For ``rwdet.complexity.sparse``: params and multiply-adds of the graph and its node
+        ops, dense (every allowed edge, every node) and kept (chosen edges into needed nodes,
+        ops of live nodes; ``cx.used``: the output nodes used downstream). Per pixel of the
+        graph's output map (``cx.out_shape``): one multiply-add per edge, 9 per 3x3 depthwise
+        op; BN costs none (the papers' convention)."""
+        hw = int(cx.out_shape[-1] * cx.out_shape[-2])
+        mask = self.kept_mask()
+        src_live, dst_needed = self.live_nodes(cx.used, mask)
+        kept_edges = int(mask.sum(1)[dst_needed].sum())
+        n_src, live = src_live.numel(), int(src_live.sum())
+        per_node_params = 2 + 9  # BN (gamma, beta) + 3x3 depthwise kernel
+        dense_edges = int(self.allowed.sum())
+        return dict(
+            params_dense=dense_edges + per_node_params * n_src,
+            params_kept=kept_edges + per_node_params * live,
+            flops_dense=(dense_edges + 9 * n_src) * hw,
+            flops=(kept_edges + 9 * live) * hw,
+            nodes=n_src,
+            dead_nodes=n_src - live,
+        )
 
 
 class MobileNetV1DNW(StagedClassifier):
@@ -261,7 +292,7 @@ class MobileNetV1DNW(StagedClassifier):
     @torch.no_grad()
     def sparse_liveness(self) -> dict[str, torch.Tensor]:
         """Used output channels of each graph and of the stem, chained back from the FC
-        (for ``rwdet.sparse_complexity`` and ``rwdet.nn.export``).
+        (for ``rwdet.complexity.sparse`` and ``rwdet.nn.export``).
 
         A last-graph output node with no real in-edge is 0, so its head path BN -> ReLU ->
         pool is a constant that folds into the FC bias (in eval mode): it is not "used"."""
@@ -347,7 +378,7 @@ class MobileNetV1DNW(StagedClassifier):
     def new_classifier(self, num_classes: int, in_features: int | None = None) -> nn.Module:
         n = self.num_features if in_features is None else in_features
         if self.small:  # the authors' DNW-Small FC is a graph too: a bias-free 1x1 conv
-            return DNWLinear(n, num_classes, bias=False, k=self.width)
+            return DNWLinear(n, num_classes, bias=False, keep=self.width)
         return nn.Linear(n, num_classes)
 
 

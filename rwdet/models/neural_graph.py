@@ -29,19 +29,20 @@ prune_rate 0.95). One channel is one node (§2.1):
   whole map instead.
 
 Edges. The complete graph has ``dim^2`` ordered pairs (the authors' 800x800 edge matrix) and
-every setting keeps ``k = 5%`` of them: ``kept_count(0.05, 800^2) = 32,000`` edges (the
-authors' ``prune_rate 0.95``), chosen among the pairs the setting allows (static: block order;
-dynamic: any sender that has an op). ``wiring="dnw"`` re-chooses the top-``k`` ``|w|`` every
-step with ``rwdet.nn.choose.dnw_weight`` (gradient *to* hallucinated edges, not through them,
-Algorithm 1). ``wiring="random"`` is the paper's RG (§3): uniform random magnitudes from
-``seed``, the same top-``k`` choice once; the chosen edges are the persistent buffer
-``graph.mask`` in the state dict, so a checkpoint carries its random graph.
+every setting keeps ``keep = 5%`` of them (the paper's k): ``kept_count(0.05, 800^2) =
+32,000`` edges (the authors' ``prune_rate 0.95``), chosen among the pairs the setting allows
+(static: block order; dynamic: any sender that has an op). ``wiring="dnw"`` re-chooses the
+top-``keep`` ``|w|`` every step with ``rwdet.nn.choose.dnw_weight`` (gradient *to*
+hallucinated edges, not through them, Algorithm 1). ``wiring="random"`` is the paper's RG
+(§3): uniform random magnitudes from ``seed``, the same top-``keep`` choice once; the chosen
+edges are the persistent buffer ``graph.mask`` in the state dict, so a checkpoint carries its
+random graph.
 
 Parameters (CIFAR-10, 3 channels, 10 classes; the same in all six rows): the paper says 41k,
 the authors' code "less than 42k". Ours: 32,000 kept edges + 700 ops x (2 IN + 9 conv) = 7,700
 + g_phi 1,184 + FC 1,010 = **41,894** (``PAPER_PARAMS`` is checked against this in
 ``tests/test_neural_graph.py``). The dense tensors hold all candidate edges (the optimiser sees
-them); ``rwdet.sparse_complexity`` counts the kept ones.
+them); ``rwdet.complexity.sparse`` counts the kept ones.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from torch import nn
 
 from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
 from rwdet.models.registry import register_model
-from rwdet.nn.choose import dnw_weight, kept_count, topk_mask
+from rwdet.nn.choose import dnw_weight, kept_count, refuse_k, topk_mask
 from rwdet.run.errors import UserError
 
 TIMES = ("static", "discrete", "continuous")
@@ -103,7 +104,7 @@ class TimedNeuralGraph(nn.Module):
         self,
         time: str,
         wiring: str = "dnw",
-        k: float = 0.05,
+        keep: float = 0.05,
         dim: int = 800,
         n_in: int = 32,
         n_out: int = 100,
@@ -114,7 +115,9 @@ class TimedNeuralGraph(nn.Module):
         rtol: float = 1e-3,
         atol: float = 1e-3,
         method: str = "dopri5",
+        k: float | None = None,
     ):
+        refuse_k(k, "TimedNeuralGraph")
         super().__init__()
         if time not in TIMES:
             raise ValueError(f"time={time!r} is not known; use one of {TIMES}")
@@ -133,15 +136,17 @@ class TimedNeuralGraph(nn.Module):
                 "time='continuous' integrates with torchdiffeq, which is not installed; run "
                 "`make setup` (it installs the pinned torchdiffeq)"
             )
-        self.time, self.wiring, self.k = time, wiring, k
+        self.time, self.wiring, self.keep = time, wiring, keep
         self.dim, self.n_in, self.n_out, self.n_ops = dim, n_in, n_out, dim - n_out
         self.steps, self.adjoint = steps, bool(adjoint)
         self.rtol, self.atol, self.method = rtol, atol, method
         self.blocks = static_blocks(dim, n_in, n_out, blocks) if time == "static" else None
         allowed = allowed_edges(time, dim, n_out, self.blocks)
-        self.count = kept_count(k, dim * dim)
+        self.count = kept_count(keep, dim * dim)
         if self.count > int(allowed.sum()):
-            raise ValueError(f"k={k} keeps {self.count} edges but only {int(allowed.sum())} exist")
+            raise ValueError(
+                f"keep={keep} keeps {self.count} edges but only {int(allowed.sum())} exist"
+            )
         self.register_buffer("allowed", allowed, persistent=False)
         # Algorithm 1, line 2: uniform. The scale is the authors' (their edge matrix is an
         # nn.Conv2d(dim, dim, 1): U(-1/sqrt(dim), 1/sqrt(dim))). It matters: the InstanceNorm
@@ -249,7 +254,7 @@ class TimedNeuralGraph(nn.Module):
 
     def sparse_counts(self) -> dict:
         """Params and multiply-adds of the last forward's map size, counting only kept edges
-        into needed nodes and the ops of live nodes (``rwdet.sparse_complexity``).
+        into needed nodes and the ops of live nodes (``rwdet.complexity.sparse``).
 
         A node is live when a kept path leads from it to an output node (in the dynamic graphs
         a path of any length: an upper bound for L steps). Per evaluation of ``f``: one
@@ -281,6 +286,11 @@ class TimedNeuralGraph(nn.Module):
             dead_nodes=self.n_ops - live_ops,
             evaluations=evals,
         )
+
+    def kept_counts(self, cx) -> dict:
+        """``rwdet.complexity.sparse``'s protocol: ``sparse_counts()``, which needs nothing
+        from the counter (the map size and NFE are the graph's own records of its forwards)."""
+        return self.sparse_counts()
 
     def extra_repr(self) -> str:
         where = f"blocks={self.blocks}" if self.blocks else f"steps={self.steps}"
@@ -316,7 +326,8 @@ class NeuralGraphClassifier(StagedClassifier):
         time: "static", "discrete" or "continuous".
         wiring: "dnw" (learned) or "random" (RG, fixed by ``seed``; ``seed=None`` draws it
             from torch's global generator, so from the run's training seed).
-        k: fraction of the complete graph's ``dim^2`` edges kept (0.05 = prune_rate 0.95).
+        keep: fraction of the complete graph's ``dim^2`` edges kept (0.05 = prune_rate 0.95);
+            the keyword was ``k`` before, and ``k=`` is refused with a pointer to ``keep``.
         dim, downsample_dim, feature_dim: nodes, input nodes, output nodes.
         blocks: static blocks (inputs and outputs included); steps: discrete time steps L.
         adjoint: continuous only, ``odeint_adjoint`` instead of backprop through the solver.
@@ -330,7 +341,7 @@ class NeuralGraphClassifier(StagedClassifier):
         self,
         time: str = "static",
         wiring: str = "dnw",
-        k: float = 0.05,
+        keep: float = 0.05,
         dim: int = 800,
         downsample_dim: int = 32,
         feature_dim: int = 100,
@@ -345,7 +356,9 @@ class NeuralGraphClassifier(StagedClassifier):
         num_classes: int = 10,
         in_channels: int = 3,
         dropout: float = 0.0,
+        k: float | None = None,
     ):
+        refuse_k(k, "NeuralGraphClassifier")
         super().__init__()
         check_num_classes(num_classes)
         dropout = check_dropout(dropout)
@@ -363,7 +376,7 @@ class NeuralGraphClassifier(StagedClassifier):
             nn.BatchNorm2d(downsample_dim),
         )
         self.graph = TimedNeuralGraph(
-            time, wiring, k, dim, downsample_dim, feature_dim, blocks, steps, seed, adjoint,
+            time, wiring, keep, dim, downsample_dim, feature_dim, blocks, steps, seed, adjoint,
             rtol, atol, method,
         )  # fmt: skip
         self.readout = readout

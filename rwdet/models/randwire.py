@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rwdet.complexity.width import matched_width
 from rwdet.graphs import GraphSpec, check_params, stage_seed
 from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
 from rwdet.models.registry import register_model
-from rwdet.models.width import matched_channels
+from rwdet.nn.execution import refuse_old_keywords
 from rwdet.nn.stage import GraphStage
 from rwdet.nn.wiring import get_wiring
 
@@ -31,10 +32,10 @@ class RandWire(StagedClassifier):
         wiring: "static" (RandWire) or a learned mode; wiring_options go to its factory.
         stem: "imagenet" (conv1, conv2 downsample, output stride 32) or "small" for 28-32 px
             inputs (the first two downsamplings removed, output stride 8).
-        fused: run sepconv stages as one memory-lean autograd op in training
-            (``rwdet.nn.fused``; same results as ``fused=False``, about half the peak memory).
-        recompute: per-node checkpointing for stages the fused op does not cover
-            (``rwdet.nn.recompute``).
+        execution: how the stages run a training step (``rwdet.nn.execution``): "auto"
+            (the fused op where a stage allows it, about half the peak memory), "reference",
+            "recompute" or "fused"; every one gives the reference's results. ``fused=`` and
+            ``recompute=`` are refused with a pointer to it.
     """
 
     def __init__(
@@ -56,10 +57,12 @@ class RandWire(StagedClassifier):
         graphs: dict | None = None,
         norm_layer=None,
         head_channels: int = 1280,
-        recompute: bool = False,
-        fused: bool = True,
+        execution: str = "auto",
+        fused=None,
+        recompute=None,
     ):
         super().__init__()
+        refuse_old_keywords(fused, recompute)
         if regime not in ("small", "regular"):
             raise ValueError(f"regime={regime!r} is not known; use 'small' or 'regular'")
         if stem not in ("imagenet", "small"):
@@ -115,7 +118,7 @@ class RandWire(StagedClassifier):
             stride = s1 if (regime == "regular" and name == "conv2") else 2
             gates = mode.make_gates(spec, edge_drop)
             stage = GraphStage(
-                spec, cin, cout, stride, node_op, gates, conv, norm, recompute, fused
+                spec, cin, cout, stride, node_op, gates, conv, norm, execution, name=name
             )
             setattr(self, name, stage)
         last = plan[-1][3]
@@ -171,9 +174,16 @@ def _with_matched_width(defaults: dict, kw: dict) -> dict:
     args = {**defaults, **kw}
     op = kw.get("node_op", "sepconv")
     if op != "sepconv" and "channels" not in kw:
-        graph_kwargs = {k: args[k] for k in ("gen", "gen_params", "seed", "graphs") if k in args}
-        args["channels"] = matched_channels(
-            args["regime"], defaults["channels"], args["nodes"], op, **graph_kwargs
+        # The probe is the model's regime, nodes and graphs with every other keyword at its
+        # default: the width follows the graphs, not the head or stem asked for.
+        probe = {k: args[k] for k in ("regime", "nodes", "gen", "gen_params", "seed", "graphs")
+                 if k in args}  # fmt: skip
+        c = defaults["channels"]
+        args["channels"] = matched_width(
+            lambda w: RandWire(channels=w, node_op=op, **probe),
+            lambda: RandWire(channels=c, node_op="sepconv", **probe),
+            c,
+            key=("RandWire", c, op, probe),
         )
     return args
 

@@ -3,11 +3,15 @@
 torchvision's ResNet with its layers swapped, so the architecture is exactly torchvision's:
 
 - ``resnet50_dnw``: every conv and the FC are ``DNWConv2d``/``DNWLinear`` keeping a fraction
-  ``k`` of their weights (fixed per layer; Table 4's "Weights (%)"); biases and BatchNorm stay
+  ``keep`` of their weights (fixed per layer; Table 4's "Weights (%)"); biases and BatchNorm stay
   dense; ``first_layer_dense=True`` keeps the 7x7 stem conv dense (Table 4, "First Layer Dense").
 - ``resnet50_popup``, ``resnet101_popup``, ``wide_resnet50_popup``: every conv and the FC are
-  edge-popup layers with fixed random weights and learned scores (k = 0.3, the paper's
-  ImageNet setting), BatchNorm is non-affine, the FC has no bias (no learned weights at all).
+  edge-popup layers with fixed random weights and learned scores (keep = 0.3, the paper's
+  ImageNet k = 30%), BatchNorm is non-affine, the FC has no bias (no learned weights at all).
+
+The layer types come from the one wiring registry (``rwdet.nn.wiring``, level ``"weight"``):
+a ResNet takes every wiring registered there. The fraction kept is ``keep=`` (the papers'
+``k``; ``k=`` is refused with a pointer, since rwdet's ``k`` is WS's neighbour count).
 
 The stages are ``conv1`` (stem, stride 2) and ``conv2..conv5`` (res2..res5, strides 4..32),
 named as in RandWire so the Detectron2 backbone treats every model alike.
@@ -20,19 +24,9 @@ from torch import nn
 
 from rwdet.models.interface import StagedClassifier, check_dropout, check_num_classes
 from rwdet.models.registry import register_model
-from rwdet.nn.choose import kept_count
-from rwdet.nn.sparse_layers import (
-    DNWConv2d,
-    DNWLinear,
-    PopupConv2d,
-    PopupLinear,
-    SupermaskConv2d,
-    SupermaskLinear,
-    _check_init,
-    nonaffine_batchnorm,
-)
-
-WIRINGS = ("dnw", "popup", "supermask", "dense")
+from rwdet.nn.choose import kept_count, refuse_k
+from rwdet.nn.sparse_layers import _check_init
+from rwdet.nn.wiring import Wiring, layer_wiring
 
 
 def _conv_args(conv: nn.Conv2d) -> dict:
@@ -45,6 +39,26 @@ def _conv_args(conv: nn.Conv2d) -> dict:
         dilation=conv.dilation,
         groups=conv.groups,
     )
+
+
+def _swapped(m: nn.Module, wiring: Wiring) -> nn.Module | None:
+    """``m`` rebuilt with ``wiring``'s layer type, or None where the wiring keeps its type
+    (torchvision's module then stays, with torchvision's initialisation)."""
+    if isinstance(m, nn.Conv2d):
+        factory, args = wiring.conv_layer, _conv_args(m)
+    elif isinstance(m, nn.Linear):
+        factory, args = wiring.linear_layer, dict(in_features=m.in_features,
+                                                  out_features=m.out_features)  # fmt: skip
+    elif isinstance(m, nn.BatchNorm2d):
+        return None if wiring.norm_layer is type(m) else wiring.norm_layer(m.num_features)
+    else:
+        return None
+    if factory is type(m):
+        return None
+    new = factory(**args, bias=m.bias is not None and wiring.learned_weights)
+    if wiring.learned_weights:
+        new.load_state_dict(m.state_dict())  # keep torchvision's initialisation
+    return new
 
 
 def _swap(model: nn.Module, make) -> None:
@@ -66,9 +80,11 @@ class SparseResNet(StagedClassifier):
 
     Args:
         wiring: "dnw" (sparse training), "popup" (subnetwork of a random network),
-            "supermask" (Zhou et al.'s sampled mask of a random network) or "dense". The
-            keyword was ``mode`` before; ``mode=`` is refused with a pointer to ``wiring``.
-        k: fraction of each layer's weights KEPT (supermask: only sizes a scaled init).
+            "supermask" (Zhou et al.'s sampled mask of a random network), "dense", or any
+            wiring registered at level "weight". The keyword was ``mode`` before; ``mode=`` is
+            refused with a pointer to ``wiring``.
+        keep: fraction of each layer's weights KEPT (supermask: only sizes a scaled init);
+            the keyword was ``k`` before, and ``k=`` is refused with a pointer to ``keep``.
         init, scale: the fixed-weight distribution (``rwdet.nn.inits``).
         first_layer_dense: keep the stem conv an ordinary dense, learned conv.
         stem: "imagenet" (7x7/2 conv + max-pool) or "small" (3x3/1 conv, no pool; 28-32 px).
@@ -83,7 +99,7 @@ class SparseResNet(StagedClassifier):
         layers: list[int],
         width_per_group: int = 64,
         wiring: str = "popup",
-        k: float = 0.3,
+        keep: float = 0.3,
         init: str = "signed_constant",
         scale: bool = True,
         first_layer_dense: bool = False,
@@ -92,9 +108,11 @@ class SparseResNet(StagedClassifier):
         stem: str = "imagenet",
         dropout: float = 0.0,
         mode: str | None = None,
+        k: float | None = None,
     ):
         if mode is not None:
             raise TypeError(f"mode={mode!r}: the keyword is now wiring=; pass wiring={mode!r}")
+        refuse_k(k, "SparseResNet")
         super().__init__()
         from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -106,11 +124,10 @@ class SparseResNet(StagedClassifier):
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(body, name))
         self.avgpool, self.fc = body.avgpool, body.fc
-        if wiring not in WIRINGS:
-            raise ValueError(f"wiring={wiring!r} is not known; choose one of {list(WIRINGS)}")
+        layers_of = layer_wiring(wiring, keep=keep, init=init, scale=scale)
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not known; use 'imagenet' or 'small'")
-        kept_count(k, 1)  # validates k
+        kept_count(keep, 1)  # validates keep
         _check_init(init)
         if stem == "small" or in_channels != 3:
             small = stem == "small"
@@ -120,31 +137,13 @@ class SparseResNet(StagedClassifier):
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             if small:
                 self.maxpool = nn.Identity()
-        self.wiring, self.k, self.first_layer_dense = wiring, float(k), bool(first_layer_dense)
-        self._popup = {"k": k, "init": init, "scale": scale}
+        self.wiring, self.keep, self._wiring = wiring, float(keep), layers_of
+        self.first_layer_dense = bool(first_layer_dense)
 
         def make(name, m):
-            if wiring == "dense" or (name == "conv1" and first_layer_dense):
+            if name == "conv1" and first_layer_dense:
                 return None
-            if isinstance(m, nn.Conv2d):
-                if wiring == "popup":
-                    return PopupConv2d(**_conv_args(m), bias=False, k=k, init=init, scale=scale)
-                if wiring == "supermask":
-                    return SupermaskConv2d(**_conv_args(m), k=k, init=init, scale=scale)
-                new = DNWConv2d(**_conv_args(m), bias=m.bias is not None, k=k)
-                new.load_state_dict(m.state_dict())  # keep torchvision's initialisation
-                return new
-            if isinstance(m, nn.Linear):
-                if wiring == "popup":
-                    return PopupLinear(m.in_features, m.out_features, k=k, init=init, scale=scale)
-                if wiring == "supermask":
-                    return SupermaskLinear(m.in_features, m.out_features, **self._popup)
-                new = DNWLinear(m.in_features, m.out_features, k=k)
-                new.load_state_dict(m.state_dict())
-                return new
-            if isinstance(m, nn.BatchNorm2d) and wiring in ("popup", "supermask"):
-                return nonaffine_batchnorm(m.num_features)
-            return None
+            return _swapped(m, layers_of)
 
         _swap(self, make)
         s = 1 if stem == "small" else 2
@@ -176,14 +175,8 @@ class SparseResNet(StagedClassifier):
         return torch.flatten(self.avgpool(x), 1)
 
     def new_classifier(self, num_classes: int) -> nn.Module:
-        n = self.num_features
-        if self.wiring == "popup":
-            return PopupLinear(n, num_classes, **self._popup)
-        if self.wiring == "supermask":
-            return SupermaskLinear(n, num_classes, **self._popup)
-        if self.wiring == "dnw":
-            return DNWLinear(n, num_classes, k=self.k)
-        return nn.Linear(n, num_classes)
+        w = self._wiring
+        return w.linear_layer(self.num_features, num_classes, bias=w.learned_weights)
 
 
 @register_model("resnet50")
@@ -195,24 +188,24 @@ def resnet50(**kw) -> SparseResNet:
 
 @register_model("resnet50_dnw")
 def resnet50_dnw(**kw) -> SparseResNet:
-    """ResNet-50 trained sparse by DNW (Table 4); k = fraction of weights kept per layer."""
-    return SparseResNet(**{"layers": [3, 4, 6, 3], "wiring": "dnw", "k": 0.1, **kw})
+    """ResNet-50 trained sparse by DNW (Table 4); keep = fraction of weights kept per layer."""
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "wiring": "dnw", "keep": 0.1, **kw})
 
 
 @register_model("resnet50_popup")
 def resnet50_popup(**kw) -> SparseResNet:
     """A subnetwork of a randomly weighted ResNet-50 (edge-popup Figure 8, k = 30%)."""
-    return SparseResNet(**{"layers": [3, 4, 6, 3], "wiring": "popup", "k": 0.3, **kw})
+    return SparseResNet(**{"layers": [3, 4, 6, 3], "wiring": "popup", "keep": 0.3, **kw})
 
 
 @register_model("resnet101_popup")
 def resnet101_popup(**kw) -> SparseResNet:
-    return SparseResNet(**{"layers": [3, 4, 23, 3], "wiring": "popup", "k": 0.3, **kw})
+    return SparseResNet(**{"layers": [3, 4, 23, 3], "wiring": "popup", "keep": 0.3, **kw})
 
 
 @register_model("wide_resnet50_popup")
 def wide_resnet50_popup(**kw) -> SparseResNet:
     """Wide ResNet-50-2: the randomly weighted network whose subnetwork matches ResNet-34."""
     return SparseResNet(
-        **{"layers": [3, 4, 6, 3], "width_per_group": 128, "wiring": "popup", "k": 0.3, **kw}
+        **{"layers": [3, 4, 6, 3], "width_per_group": 128, "wiring": "popup", "keep": 0.3, **kw}
     )

@@ -72,6 +72,11 @@ class WeightedSum(torch.autograd.Function):
 
 
 def weighted_sum(weights: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``sum weights[i] * inputs[i]``: the one aggregation of every execution path (the
+    reference and recompute paths through ``GraphStage.aggregate`` with autograd, the fused
+    op's forward and backward through the same call with gradients off)."""
     if exporting():
         return plain_weighted_sum(weights, inputs)
+    if not torch.is_grad_enabled():  # nothing to record: the op's forward alone
+        return accumulate(inputs, weights.detach().to(inputs[0].dtype).unbind())
     return WeightedSum.apply(weights, *inputs)

@@ -14,9 +14,13 @@ authors' ``GetSubnet`` applied to ``scores.abs()``).
 
 Conventions, stated once for the whole library:
 
-- ``k`` is the fraction of weights **kept** (edge-popup's "% of weights", DNW Table 4's
-  "Weights (%)"), never the fraction pruned; public implementations disagree on this.
-- ``count = kept_count(k, n) = floor(k * n + 1/2)`` (round half up), clamped to ``[1, n]``.
+- ``keep`` is the fraction of weights **kept** (edge-popup's "% of weights", the papers' ``k``;
+  DNW Table 4's "Weights (%)"), never the fraction pruned; public implementations disagree on
+  this. The keyword is ``keep`` everywhere in rwdet, not the papers' ``k``: ``k`` is already
+  the Watts-Strogatz neighbour count (``gen_params.k``, ``--k``, ``MODEL.RWDET.K``), and one
+  API must not give one name two meanings. ``k=`` is refused with a pointer (``refuse_k``).
+- ``count = kept_count(keep, n) = floor(keep * n + 1/2)`` (round half up), clamped to
+  ``[1, n]``.
 - Exactly ``count`` entries are kept even when values tie: the mask is built from ``topk``
   indices, never from a threshold. Which of several tied entries wins is up to ``torch.topk``
   (the same on every DDP rank, since ranks hold identical values).
@@ -35,18 +39,30 @@ import numbers
 import torch
 
 from rwdet.nn.aggregate import exporting
+from rwdet.run.errors import UserError
 
 
-def kept_count(k: float, n: int) -> int:
-    """Number of entries kept from ``n`` at fraction ``k``: ``round(k*n)``, half up, >= 1."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 0.0 < float(k) <= 1.0:
+def kept_count(keep: float, n: int) -> int:
+    """Number of entries kept from ``n`` at fraction ``keep``: ``round(keep*n)``, half up, >= 1."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < float(keep) <= 1.0:
         raise ValueError(
-            f"k={k!r} is out of range; k is the fraction of weights KEPT, a number in (0, 1] "
-            f"(e.g. 0.3 keeps 30%)"
+            f"keep={keep!r} is out of range; keep is the fraction of weights KEPT, a number in "
+            f"(0, 1] (e.g. 0.3 keeps 30%)"
         )
     if n < 1:
         raise ValueError(f"cannot choose among n={n} entries; a layer needs at least one weight")
-    return max(1, min(n, math.floor(float(k) * n + 0.5)))
+    return max(1, min(n, math.floor(float(keep) * n + 0.5)))
+
+
+def refuse_k(k, owner: str) -> None:
+    """Refuse the old keyword ``k`` of the fraction kept, naming the new one (module docstring);
+    ``k`` defaults to None in every signature that used to take it, so only a caller who
+    passes it reaches the error."""
+    if k is not None:
+        raise UserError(
+            f"{owner}: k={k!r} is no longer the fraction kept; pass keep={k!r} (rwdet's k is "
+            f"only the Watts-Strogatz neighbour count, gen_params.k)"
+        )
 
 
 @torch.no_grad()
@@ -60,7 +76,8 @@ def topk_mask(values: torch.Tensor, count: int, allowed: torch.Tensor | None = N
             raise ValueError(
                 f"allowed mask has shape {tuple(allowed.shape)}, values {tuple(values.shape)}"
             )
-        n_allowed = int(allowed.sum())
+        # A meta tensor (shape-only runs, ``rwdet.complexity``) has no count to check against.
+        n_allowed = n if allowed.is_meta else int(allowed.sum())
         # Impossible entries sink below every real value, so they are never among the top
         # ``count`` (and are the first to go in the complement branch).
         flat = flat.masked_fill(~allowed.reshape(-1).bool(), -math.inf)
@@ -142,7 +159,7 @@ def popup_mask(scores: torch.Tensor, count: int, groups=None) -> torch.Tensor:
 # Zhou et al. 2019, as edge-popup §2 and §3.1 describe it: every weight has a score s, the
 # probability of keeping it is p = sigmoid(s), and each forward pass in training uses a fresh
 # mask m ~ Bernoulli(p); the gradient goes straight through the sample to p (then through the
-# sigmoid to s), as in the authors' ``StraightThroughBinomialSample``. No k: the expected
+# sigmoid to s), as in the authors' ``StraightThroughBinomialSample``. No keep: the expected
 # fraction kept is mean(p), which the optimisation decides (§4.6: "no explicit choice").
 #
 # Evaluation: neither the edge-popup paper nor the authors' code (which samples in evaluation

@@ -17,7 +17,7 @@ One detail keeps node-level stages exact: a live node whose real in-edges were a
 aggregates zeros in the source model. In the exported graph it keeps one zero-valued edge from
 node 0 (every stage's first source), so it is not mistaken for a source reading the stage input.
 
-The result is for inference and analysis (``rwdet.sparse_complexity`` counts it the same as its
+The result is for inference and analysis (``rwdet.complexity.sparse`` counts it the same as its
 source); keep the trained checkpoint and export at load time — exporting is deterministic.
 """
 
@@ -83,7 +83,7 @@ def prune_stage(stage: GraphStage) -> GraphStage:
         gates=FixedGates(spec.edges, torch.tensor([edges[e] for e in spec.edges])),
     )
     new.nodes = nn.ModuleList(copy.deepcopy(stage.nodes[v]) for v in keep)
-    new.recompute, new.fused = stage.recompute, stage.fused
+    new.execution, new.name = stage.execution, stage.name
     new.to(stage.in_edge_index.device)  # the gate values and edge index, built on the CPU
     if [keep[s] for s in new.sinks] != list(stage.sinks):
         raise RuntimeError("exported stage changed the stage outputs; please report this bug")

@@ -23,11 +23,16 @@ the affine applied exactly as ``FrozenBatchNorm2d.forward`` applies it when grad
 (``s, t`` computed in the buffers' dtype, cast to ``C``'s, one multiply and one add), and
 ``dL/dC = dL/dZ * s``. Without this the detector's stages kept four tensors per node.
 
-``GraphStage`` uses this path when every node is a plain sepconv op (``nn.Conv2d`` +
-``nn.BatchNorm2d`` in training mode, or + ``FrozenBatchNorm2d``) and something in it needs a
-gradient; everything else (other node ops, DNW/popup layer types, eval-mode or synchronised BN,
-inference) runs the reference node-by-node path. Equivalence to that path — outputs, every
-gradient, BN buffers — is tested on ER, BA and WS graphs.
+The forward math is not written here: the op runs the stage's own aggregation
+(``GraphStage.aggregate``, ``rwdet.nn.aggregate``), each node op's own layers and the stage's
+sink mean, and applies BatchNorm through ``torch.native_batch_norm`` — the kernel
+``nn.BatchNorm2d`` calls — because backward needs the batch statistics the module does not
+return. Only the backward (and its recomputation of each node's input side) is its own.
+
+Which stages run it is decided in ``rwdet.nn.execution`` (``execution="fused"`` or ``"auto"``):
+every node a plain sepconv op (``nn.Conv2d`` + ``nn.BatchNorm2d`` in training mode, or +
+``FrozenBatchNorm2d``; ``unfusable_reason`` says why not), in a training step. Equivalence to
+the reference path — outputs, every gradient, BN buffers — is tested on ER, BA and WS graphs.
 """
 
 from __future__ import annotations
@@ -40,17 +45,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from rwdet.nn.aggregate import _dot, accumulate
+from rwdet.nn.aggregate import _dot
 from rwdet.nn.node_ops import SepConvOp
 
 
 @dataclass
 class StagePlan:
-    """What the op needs to know about a stage besides tensors (built by ``GraphStage``)."""
+    """What the op needs to know about a stage besides tensors (built by ``fused_stage``)."""
 
+    stage: nn.Module  # the GraphStage: its aggregation and node ops compute the forward
     in_edges: list[list[tuple[int, int]]]  # per node: [(edge index, parent), ...]
     sinks: list[int]
-    release_after: list[list[int]]  # forward: parents whose last child is this node
     stride: int
     bn_eps: list[float]
     bn_factor: list[float]  # running-stat update factor of each node's BN this step
@@ -78,20 +83,29 @@ def _frozen_apply(c, scale, shift):
     return c * scale.to(c.dtype) + shift.to(c.dtype)
 
 
-def fusable(op: nn.Module) -> bool:
-    """A node op the fused path computes exactly: plain sepconv with a training-mode BN or a
-    FrozenBN."""
+def unfusable_reason(op: nn.Module) -> str | None:
+    """Why the fused op cannot compute node op ``op`` exactly (None: it can). It computes
+    plain sepconv: ``nn.Conv2d`` layers and a training-mode ``nn.BatchNorm2d`` or a FrozenBN."""
     if type(op) is not SepConvOp:
-        return False
+        return f"is a {type(op).__name__}, not the sepconv op"
     _, dw, pw, bn = op
-    return (
-        type(dw) is nn.Conv2d
-        and type(pw) is nn.Conv2d
-        and ((type(bn) is nn.BatchNorm2d and bn.training) or is_frozen_bn(bn))
-        and dw.bias is None
-        and pw.bias is None
-        and dw.padding_mode == "zeros"
-    )
+    for conv in (dw, pw):
+        if type(conv) is not nn.Conv2d:
+            return f"has {type(conv).__name__} layers (popup/DNW layers), not nn.Conv2d"
+        if conv.bias is not None or conv.padding_mode != "zeros":
+            return "has a convolution with a bias or non-zero padding"
+    if is_frozen_bn(bn):
+        return None
+    if type(bn) is not nn.BatchNorm2d:
+        return f"ends in {type(bn).__name__}, not nn.BatchNorm2d or FrozenBatchNorm2d"
+    if not bn.training:
+        return "has its BatchNorm2d in eval mode while the stage trains"
+    return None
+
+
+def fusable(op: nn.Module) -> bool:
+    """A node op the fused path computes exactly (``unfusable_reason`` says why not)."""
+    return unfusable_reason(op) is None
 
 
 def bn_factor(bn: nn.BatchNorm2d) -> float:
@@ -119,40 +133,34 @@ def _like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(param).copy_(grad)
 
 
-def _run_nodes(plan: StagePlan, x, g, params, bn, dtypes=None):
-    """The stage's forward math; returns every node's ``C_v`` and the stage output.
+def _run_nodes(plan: StagePlan, x, gates, bn):
+    """The stage's forward, computed by the stage itself: ``GraphStage.aggregate`` (the one
+    aggregation) and each node op's own layers in its order (ReLU -> depthwise -> pointwise),
+    ending at ``C_v``; ``bn(v, C_v)`` then gives ``Z_v`` and keeps the batch statistics that
+    ``nn.BatchNorm2d`` does not return. Returns every ``C_v`` and ``GraphStage.sink_mean``.
 
-    ``bn(v, C_v)`` gives ``Z_v``. ``dtypes`` (per node) casts conv inputs explicitly, for reruns
-    outside the forward's autocast state.
+    The ReLU runs in place on an aggregation the op made itself (the same function as the
+    op's ``nn.ReLU``, one temporary less), out of place on a borrowed tensor (the stage input, or
+    a unit edge's parent output, which ``aggregate`` hands over as is).
     """
+    stage = plan.stage
     outs: dict[int, torch.Tensor] = {}
     keep = []
-    for v, ins in enumerate(plan.in_edges):
-        dw, pw = params[4 * v], params[4 * v + 1]
-        if ins:
-            parents = [outs[u] for _, u in ins]
-            a = accumulate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
-        else:
-            a = F.relu(x)
-        if dtypes is not None:
-            a, dw, pw = a.to(dtypes[v]), dw.to(dtypes[v]), pw.to(dtypes[v])
-        s = plan.stride if not ins else 1
-        b = F.conv2d(a, dw, stride=s, padding=1, groups=dw.shape[0])
+    for v, op in enumerate(stage.nodes):
+        relu, dw, pw, _ = op
+        i = stage.aggregate(v, x, outs, gates)
+        borrowed = i is x or any(i is z for z in outs.values())
+        a = relu(i) if borrowed else i.relu_()
+        del i
+        b = dw(a)
         del a
-        c = F.conv2d(b, pw)
+        c = pw(b)
         del b
         keep.append(c)
         outs[v] = bn(v, c)
-        for u in plan.release_after[v]:
+        for u in stage.release_after[v]:
             del outs[u]
-    # The mean of the sinks, summed in the reference path's order.
-    out = outs[plan.sinks[0]]
-    if len(plan.sinks) > 1:
-        out = out + outs[plan.sinks[1]]
-        for s in plan.sinks[2:]:
-            out.add_(outs[s])
-        out.div_(len(plan.sinks))
-    return keep, out
+    return keep, stage.sink_mean(outs)
 
 
 class SepConvStage(torch.autograd.Function):
@@ -174,8 +182,12 @@ class SepConvStage(torch.autograd.Function):
             stats.extend((mean, invstd))
             return z
 
-        keep, out = _run_nodes(plan, x, gates.detach().unbind(), params, bn)
-        ctx.plan, ctx.conv_dtypes = plan, [c.dtype for c in keep]
+        keep, out = _run_nodes(plan, x, gates.detach(), bn)
+        dev = x.device.type
+        ctx.plan = plan
+        ctx.conv_dtypes = [c.dtype for c in keep]
+        # A second backward reruns the forward outside the caller's autocast: re-entered then.
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, gates, *params, *stats)
         # Not ``save_for_backward``: backward drops each C_v as soon as its node is done, which
         # a saved tensor cannot do (it lives until the whole op's backward returns).
@@ -200,7 +212,9 @@ class SepConvStage(torch.autograd.Function):
             return _bn_apply(c, stats[2 * v], stats[2 * v + 1], bw, bb)
 
         if keep is None:  # a second backward (retain_graph=True): rebuild C from the input
-            keep, _ = _run_nodes(plan, x, g, params, z_from, ctx.conv_dtypes)
+            dev, enabled, dtype = ctx.autocast
+            with torch.autocast(dev, dtype=dtype, enabled=enabled):
+                keep, _ = _run_nodes(plan, x, gates.detach(), z_from)
         cache: dict[int, torch.Tensor] = {}
 
         def z_of(u):
@@ -229,13 +243,11 @@ class SepConvStage(torch.autograd.Function):
         for v in reversed(range(n)):
             dw, pw, bw, bb = params[4 * v : 4 * v + 4]
             ins = plan.in_edges[v]
-            # Recompute the node's input side: aggregation, ReLU, depthwise conv.
-            if ins:
-                parents = [z_of(u) for _, u in ins]
-                a = accumulate(parents, [g[e].to(parents[0].dtype) for e, _ in ins]).relu_()
-            else:
-                parents = []
-                a = F.relu(x)
+            # Recompute the node's input side: aggregation (the stage's own), ReLU, depthwise.
+            parents = [z_of(u) for _, u in ins]
+            i = plan.stage.aggregate(v, x, {u: z for (_, u), z in zip(ins, parents)}, gates)
+            a = F.relu(i) if i is x or any(i is z for z in parents) else i.relu_()
+            del i
             s = plan.stride if not ins else 1
             cdt = ctx.conv_dtypes[v]
             a_c, dw_c, pw_c = a.to(cdt), dw.to(cdt), pw.to(cdt)
@@ -315,9 +327,9 @@ def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
             running.append((bn.running_mean, bn.running_var))
         eps.append(bn.eps)
     plan = StagePlan(
+        stage,
         stage.in_edges,
         stage.sinks,
-        stage.release_after,
         stage.stride,
         eps,
         factor,

@@ -20,22 +20,22 @@ factor of √2 omitted"; that is exactly Glorot's ``sqrt(2 / (fan_in + fan_out))
 ``fan_in == fan_out`` and is what Zhou et al. and the authors' ``xavier_normal`` /
 ``xavier_constant`` draw, so rwdet uses Glorot's formula.
 
-**Scaled** (``scale=True``, §4.5 "Scaled"): a subnetwork keeps a fraction ``k`` of a layer's
-weights, so each unit sees about ``k * fan_in`` inputs (and feeds ``k * fan_out`` outputs).
-Drawing the weights as if the fans were that small keeps the forward variance of the
-*subnetwork* at the kaiming/xavier value: every fan is multiplied by ``k``, i.e. the std is
-divided by ``sqrt(k)``. The extracted paper text reads "scale standard deviation by 1/k"; the
-variance argument it gives, and the authors' code, scale the fan, i.e. the std by ``1/sqrt(k)``.
-(The authors scale only ``signed_constant`` and ``kaiming_normal``; rwdet scales every row the
-same way so that Figure 7's comparison is like for like.)
+**Scaled** (``scale=True``, §4.5 "Scaled"): a subnetwork keeps a fraction ``k`` (rwdet's
+keyword ``keep``) of a layer's weights, so each unit sees about ``k * fan_in`` inputs (and
+feeds ``k * fan_out`` outputs). Drawing the weights as if the fans were that small keeps the
+forward variance of the *subnetwork* at the kaiming/xavier value: every fan is multiplied by
+``k``, i.e. the std is divided by ``sqrt(k)``. The extracted paper text reads "scale standard
+deviation by 1/k"; the variance argument it gives, and the authors' code, scale the fan, i.e.
+the std by ``1/sqrt(k)``. (The authors scale only ``signed_constant`` and ``kaiming_normal``;
+rwdet scales every row the same way so that Figure 7's comparison is like for like.)
 
 **The authors' ``prune_rate``** means two opposite things in their code: the mask
 (``utils/conv_type.py``, ``GetSubnet``) keeps the top ``prune_rate`` fraction of scores (it
 zeroes ``(1 - prune_rate) * n``), while the builder (``utils/builder.py``, ``--scale-fan``)
 multiplies the fan by ``1 - prune_rate``, i.e. reads it as the fraction *pruned*. With the
 paper's k = 50% the two agree; at any other k their scaled init is sized for the complement
-of the subnetwork it is used with. rwdet has one ``k``, the fraction **kept** everywhere
-(``rwdet.nn.choose``), and scales the fan by that same ``k``: the builder's formula applied to
+of the subnetwork it is used with. rwdet has one ``keep``, the fraction **kept** everywhere
+(``rwdet.nn.choose``), and scales the fan by that same ``keep``: the builder's formula applied to
 the mask's reading, which is the one the paper's variance argument (§4.5) asks for.
 """
 
@@ -78,11 +78,11 @@ def fans(weight: torch.Tensor) -> tuple[int, int]:
     return weight.shape[1] * receptive, weight.shape[0] * receptive
 
 
-def init_std(init: str, fan_in: int, fan_out: int, k: float = 1.0, scale: bool = False) -> float:
+def init_std(init: str, fan_in: int, fan_out: int, keep: float = 1.0, scale: bool = False) -> float:
     """The std of distribution ``init`` (module table); ``scale`` multiplies every fan by
-    ``k``, the fraction of weights kept."""
+    ``keep``, the fraction of weights kept."""
     check_init(init)
-    f = float(k) if scale else 1.0
+    f = float(keep) if scale else 1.0
     if _INITS[init][1] == "kaiming":
         return RELU_GAIN / math.sqrt(fan_in * f)
     return math.sqrt(2.0 / ((fan_in + fan_out) * f))
@@ -101,7 +101,7 @@ def sample_(weight: torch.Tensor, std: float, init: str) -> torch.Tensor:
     return weight.uniform_(-bound, bound)
 
 
-def init_fixed_weight_(weight: torch.Tensor, init: str, k: float = 1.0, scale=False):
+def init_fixed_weight_(weight: torch.Tensor, init: str, keep: float = 1.0, scale=False):
     """Draw a popup/supermask layer's fixed ``weight`` in place from ``init``."""
     fan_in, fan_out = fans(weight)
-    return sample_(weight, init_std(init, fan_in, fan_out, k, scale), init)
+    return sample_(weight, init_std(init, fan_in, fan_out, keep, scale), init)

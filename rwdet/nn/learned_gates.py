@@ -1,21 +1,23 @@
-"""Learned wirings of a ``GraphStage``: DNW and edge-popup as gate modules + wiring modes.
+"""Learned wirings: DNW and edge-popup as gate modules of a ``GraphStage``, and every learned
+wiring's registration (``rwdet.nn.wiring``).
 
-Both plug into the one builder (``rwdet.nn.stage.GraphStage``) through its gate seam; nothing
-else about the stage changes. Importing this module registers the wiring modes ``"dnw"`` and
-``"popup"`` (``rwdet.nn`` imports it, so ``get_wiring("dnw")`` always works).
+The gates plug into the one builder (``rwdet.nn.stage.GraphStage``) through its gate seam;
+nothing else about the stage changes. Importing this module registers ``"dnw"`` and
+``"popup"`` for node-level stages and ``"dnw"``, ``"popup"`` and ``"supermask"`` for models
+without node graphs (``rwdet.nn`` imports it, so ``get_wiring("dnw")`` always works).
 
 ``dnw`` — learned wiring on node-level RandWire stages (ours: neither paper does this).
     Candidate edges: the complete DAG over the stage's N nodes, so node 0 is the only source (it
     reads the stage input) and node N-1 the only sink (it is the stage output), whatever edges
     are real. The candidate set never changes, so every step builds the same autograd graph
-    (DDP needs no ``find_unused_parameters``). Budget: ``k`` = the edge count of the generator's
-    graph passed to ``make_gates`` (N*K/2 for WS), so a DNW stage has as many real edges as the
-    random stage it replaces. A gate is the signed weight ``w_uv`` itself (no sigmoid) — the
-    paper's ``I_v = sum w_uv Z_u`` — initialised uniformly in [-1, 1] (Algorithm 1, line 2),
-    or, with ``wiring_options={"init": "generator"}``, so that the first real edges are exactly
-    the generator's graph (training starts from the RandWire wiring).
+    (DDP needs no ``find_unused_parameters``). Budget (``DNWGates.budget``): the edge count of
+    the generator's graph passed to ``make_gates`` (N*K/2 for WS), so a DNW stage has as many
+    real edges as the random stage it replaces. A gate is the signed weight ``w_uv`` itself (no
+    sigmoid) — the paper's ``I_v = sum w_uv Z_u`` — initialised uniformly in [-1, 1]
+    (Algorithm 1, line 2), or, with ``wiring_options={"init": "generator"}``, so that the first
+    real edges are exactly the generator's graph (training starts from the RandWire wiring).
     A node whose real in-edges are all gone aggregates zeros; one with no real path to the
-    output is dead (``rwdet.sparse_complexity`` skips it; ``rwdet.nn.export`` removes it).
+    output is dead (``rwdet.complexity.sparse`` skips it; ``rwdet.nn.export`` removes it).
 
 ``popup`` — edge-popup on every conv weight (``PopupConv2d``), the classifier
     (``PopupLinear``) and the aggregation edges (``PopupGates``), with non-affine BN.
@@ -26,12 +28,12 @@ else about the stage changes. Importing this module registers the wiring modes `
     linear layer of fan-in ``in-degree(v)`` and gain 1 (no ReLU between the sum and its
     inputs): kaiming normal ``N(0, 1/indeg)`` or signed constant ``+-1/sqrt(indeg)`` (kaiming
     uniform likewise), the Xavier pair at ``std = sqrt(2 / (indeg + 1))`` (fan-out 1: a node is
-    one output), every std divided by ``sqrt(k)`` when ``scale``.
+    one output), every std divided by ``sqrt(keep)`` when ``scale``.
     What is a "layer" here: the in-edges of one node. ``I_v = sum_u w_uv Z_u`` is a linear layer
-    of fan-in ``indeg(v)``, so each node keeps ``kept_count(k, indeg(v))`` (>= 1) of its in-edges,
-    chosen by ``|score|`` with the same rule as every conv. Ranking a whole stage's ~2N edges as
-    one layer would cut most nodes off at k = 0.3 (mean in-degree 2 under WS(4, p)) and often
-    leave every sink without input: a network with constant output and no gradient at all.
+    of fan-in ``indeg(v)``, so each node keeps ``kept_count(keep, indeg(v))`` (>= 1) of its
+    in-edges, chosen by ``|score|`` with the same rule as every conv. Ranking a whole stage's ~2N
+    edges as one layer would cut most nodes off at keep = 0.3 (mean in-degree 2 under WS(4, p))
+    and often leave every sink without input: a network with constant output and no gradient at all.
     A node with no kept in-edge would output a constant (non-affine BN of zeros is 0) and pass
     no gradient (ReLU'(0) = 0), so it could never recover; per-node layers rule that out.
 """
@@ -44,12 +46,16 @@ import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec
-from rwdet.nn.choose import dnw_weight, kept_count, popup_mask, topk_mask
+from rwdet.nn.choose import dnw_weight, kept_count, popup_mask, refuse_k, topk_mask
 from rwdet.nn.gates import EdgeGates
 from rwdet.nn.inits import fan_rule
 from rwdet.nn.sparse_layers import (
+    DNWConv2d,
+    DNWLinear,
     PopupConv2d,
     PopupLinear,
+    SupermaskConv2d,
+    SupermaskLinear,
     _check_init,
     init_fixed_,
     nonaffine_batchnorm,
@@ -68,7 +74,7 @@ class DNWGates(EdgeGates):
 
     def __init__(self, spec: GraphSpec, budget: int | None = None, init: str = "uniform"):
         """init: "uniform" (Algorithm 1: |w| ~ U(0, 1), random sign, so the first real edges
-        are a random k-subset) or "generator" (the generator graph's edges get |w| in
+        are a random ``budget``-subset) or "generator" (the generator graph's edges get |w| in
         [0.5, 1), the others [0, 0.5): training starts from the RandWire graph itself)."""
         if init not in DNW_INITS:
             raise ValueError(f"init={init!r} is not known for DNW gates; use one of {DNW_INITS}")
@@ -100,25 +106,35 @@ class DNWGates(EdgeGates):
     def extra_repr(self) -> str:
         return f"candidates={len(self.edges)}, budget={self.budget}"
 
+    def kept_counts(self, cx) -> dict:
+        """For ``rwdet.complexity.sparse``: the searched network has every candidate edge;
+        the found one keeps the chosen edges into live nodes (``cx.live_nodes``)."""
+        live = cx.live_nodes
+        kept = sum(1 for _, v in self.active_edges() if live is None or live[v])
+        return dict(params_dense=len(self.edges), params_kept=kept, flops_dense=0, flops=0)
+
 
 class PopupGates(EdgeGates):
     """edge-popup on a stage's aggregation edges: fixed random weights, learned scores; each
     node's in-edges are one layer (module docstring)."""
 
-    def __init__(self, spec: GraphSpec, k: float = 0.3, init="signed_constant", scale=True):
+    def __init__(
+        self, spec: GraphSpec, keep: float = 0.3, init="signed_constant", scale=True, k=None
+    ):
+        refuse_k(k, "PopupGates")
         super().__init__(spec.edges)
         if not self.edges:
             raise ValueError("wiring='popup' needs a stage graph with at least one edge")
         _check_init(init)
-        self.k, self.init, self.scale = float(k), init, bool(scale)
+        self.keep, self.init, self.scale = float(keep), init, bool(scale)
         into: dict[int, list[int]] = {}
         for e, (_, v) in enumerate(self.edges):
             into.setdefault(v, []).append(e)
         # One (edge indices, kept count) per node with parents: each is one popup "layer".
-        self.groups = [(ix, kept_count(k, len(ix))) for ix in into.values()]
+        self.groups = [(ix, kept_count(keep, len(ix))) for ix in into.values()]
         self.count = sum(c for _, c in self.groups)
         fan_in = torch.tensor([float(len(into[v])) for _, v in self.edges])
-        f = self.k if scale else 1.0
+        f = self.keep if scale else 1.0
         if fan_rule(init) == "xavier":  # a node's in-edges as a (1 x indeg) layer: fan_out 1
             std = torch.sqrt(2.0 / ((fan_in + 1.0) * f))
         else:  # gain 1: the aggregation is linear
@@ -138,7 +154,14 @@ class PopupGates(EdgeGates):
         return [e for e, keep in zip(self.edges, self.kept_mask().tolist()) if keep]
 
     def extra_repr(self) -> str:
-        return f"edges={len(self.edges)}, k={self.k}, kept={self.count}, init={self.init}"
+        return f"edges={len(self.edges)}, keep={self.keep}, kept={self.count}, init={self.init}"
+
+    def kept_counts(self, cx) -> dict:
+        """For ``rwdet.complexity.sparse``: the searched network has every candidate edge;
+        the found one keeps the chosen edges into live nodes (``cx.live_nodes``)."""
+        live = cx.live_nodes
+        kept = sum(1 for _, v in self.active_edges() if live is None or live[v])
+        return dict(params_dense=len(self.edges), params_kept=kept, flops_dense=0, flops=0)
 
 
 class FixedGates(EdgeGates):
@@ -160,6 +183,12 @@ class FixedGates(EdgeGates):
         """Zero-valued edges carry nothing (export adds them only to keep shapes exact)."""
         return [e for e, w in zip(self.edges, self.values.tolist()) if w != 0.0]
 
+    def kept_counts(self, cx) -> dict:
+        """For ``rwdet.complexity.sparse``: one value per non-zero edge, dense and kept alike
+        (the values are a buffer, not parameters, but they are the exported network's)."""
+        kept = len(self.active_edges())
+        return dict(params_dense=kept, params_kept=kept, flops_dense=0, flops=0)
+
 
 def _no_edge_drop(mode: str, edge_drop: float) -> None:
     if edge_drop:
@@ -174,31 +203,76 @@ def dnw_wiring(init: str = "uniform") -> Wiring:
     """DNW on node-level stages; ``init`` picks the first real edges (``DNWGates``)."""
     if init not in DNW_INITS:
         raise ValueError(f"init={init!r} is not known for wiring='dnw'; use one of {DNW_INITS}")
-
-    def make_gates(spec: GraphSpec, edge_drop: float) -> DNWGates:
-        _no_edge_drop("dnw", edge_drop)
-        return DNWGates(spec, init=init)
-
-    return Wiring("dnw", make_gates, options={"init": init})
+    return Wiring("dnw", partial(_dnw_gates, init=init), options={"init": init})
 
 
-@register_wiring("popup")
-def popup_wiring(k: float = 0.3, init: str = "signed_constant", scale: bool = True) -> Wiring:
-    """edge-popup everywhere: k = fraction kept per layer (hidden-networks' ImageNet k=0.3)."""
-    kept_count(k, 1)  # validates k with the library's one error message
+# Gate factories are module functions bound with ``partial`` (not closures), so a model that
+# keeps its ``Wiring`` still pickles.
+def _dnw_gates(spec: GraphSpec, edge_drop: float, init: str) -> DNWGates:
+    _no_edge_drop("dnw", edge_drop)
+    return DNWGates(spec, init=init)
+
+
+def _popup_gates(spec: GraphSpec, edge_drop: float, **opts) -> PopupGates:
+    _no_edge_drop("popup", edge_drop)
+    return PopupGates(spec, **opts)
+
+
+@register_wiring("popup", levels=("node", "weight"))
+def popup_wiring(
+    keep: float = 0.3, init: str = "signed_constant", scale: bool = True, k=None
+) -> Wiring:
+    """edge-popup everywhere: ``keep`` = fraction kept per layer (the paper's ImageNet k=0.3)."""
+    refuse_k(k, "wiring 'popup'")
+    kept_count(keep, 1)  # validates keep with the library's one error message
     _check_init(init)
-
-    def make_gates(spec: GraphSpec, edge_drop: float) -> PopupGates:
-        _no_edge_drop("popup", edge_drop)
-        return PopupGates(spec, k=k, init=init, scale=scale)
-
-    opts = {"k": k, "init": init, "scale": scale}
+    opts = {"keep": keep, "init": init, "scale": scale}
     return Wiring(
         "popup",
-        make_gates,
+        partial(_popup_gates, **opts),
         conv_layer=partial(PopupConv2d, **opts),
         norm_layer=nonaffine_batchnorm,
         linear_layer=partial(PopupLinear, **opts),
+        learned_weights=False,
+        options=opts,
+    )
+
+
+@register_wiring("dnw", levels=("weight",))
+def dnw_layers_wiring(keep: float = 0.1, k=None) -> Wiring:
+    """DNW sparse training (§3.4, Table 4): every conv and FC keeps the ``keep`` largest
+    ``|w|`` of its own weights; biases and BatchNorm stay dense."""
+    refuse_k(k, "wiring 'dnw'")
+    kept_count(keep, 1)
+    opts = {"keep": keep}
+    return Wiring(
+        "dnw",
+        conv_layer=partial(DNWConv2d, **opts),
+        linear_layer=partial(DNWLinear, **opts),
+        options=opts,
+    )
+
+
+@register_wiring("supermask", levels=("weight",))
+def supermask_wiring(
+    keep: float = 0.5,
+    init: str = "signed_constant",
+    scale: bool = False,
+    eval_mask: str = "threshold",
+    k=None,
+) -> Wiring:
+    """Zhou et al.'s sampled masks of fixed random weights (edge-popup §2, §4.4); ``keep``
+    only sizes the scaled init. Not defined on node-level stages: no gate samples edges."""
+    refuse_k(k, "wiring 'supermask'")
+    kept_count(keep, 1)
+    _check_init(init)
+    opts = {"keep": keep, "init": init, "scale": scale, "eval_mask": eval_mask}
+    return Wiring(
+        "supermask",
+        conv_layer=partial(SupermaskConv2d, **opts),
+        norm_layer=nonaffine_batchnorm,
+        linear_layer=partial(SupermaskLinear, **opts),
+        learned_weights=False,
         options=opts,
     )
 

@@ -17,7 +17,10 @@ NormLayer = Callable[[int], nn.Module]
 
 
 class SepConvOp(nn.Sequential):
-    """ReLU -> 3x3 depthwise -> 1x1 pointwise -> BN (nothing between the two convs, paper fn. 5)."""
+    """ReLU -> 3x3 depthwise -> 1x1 pointwise -> BN (nothing between the two convs, paper fn. 5).
+
+    The fused stage op (``rwdet.nn.fused``) runs these same layers, in this order, and applies
+    the norm through BatchNorm's own kernel, to keep the batch statistics for its backward."""
 
     def __init__(self, cin, cout, stride, conv_layer: ConvLayer, norm_layer: NormLayer):
         super().__init__(

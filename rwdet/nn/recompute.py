@@ -7,13 +7,14 @@ backward. Cost: one extra forward of each node; gain: about 4x less stage activa
 
 BatchNorm must not update its running statistics twice; the recomputation runs with momentum 0
 (running stats unchanged) and its step counter restored.
+
+Used by ``GraphStage`` when ``rwdet.nn.execution`` chooses ``"recompute"`` for a training step.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -48,7 +49,3 @@ def checkpointed(fn, *inputs, module: nn.Module):
             return fn(*args)
 
     return checkpoint(run, *inputs, use_reentrant=False)
-
-
-def wants_recompute(enabled: bool, module: nn.Module) -> bool:
-    return enabled and module.training and torch.is_grad_enabled()

@@ -3,9 +3,9 @@
 - ``PopupConv2d`` / ``PopupLinear`` (edge-popup, Ramanujan et al. 2020): the weights are fixed
   at their random initialisation (``requires_grad=False``: no gradient, so no update and no
   weight decay, whatever optimizer they are handed to) and each has a learnable score; the
-  layer uses the weights of the top ``round(k*n)`` ``|scores|`` (``rwdet.nn.choose``).
+  layer uses the weights of the top ``round(keep*n)`` ``|scores|`` (``rwdet.nn.choose``).
 - ``DNWConv2d`` / ``DNWLinear`` (DNW §3.4, Table 4): ordinary learned weights of which the
-  ``round(k*n)`` largest in magnitude are used; every weight gets a gradient. Biases stay dense.
+  ``round(keep*n)`` largest in magnitude are used; every weight gets a gradient. Biases stay dense.
 - ``nonaffine_batchnorm``: BatchNorm with running statistics only (edge-popup never tunes the
   BN affine parameters; with ``affine=False`` there are none to tune).
 
@@ -13,11 +13,12 @@
   the same fixed weights, a score per weight, a fresh Bernoulli(sigmoid(score)) mask on every
   training forward pass and a deterministic mask in evaluation (``rwdet.nn.choose``).
 
-``k`` is always the fraction of weights **kept** (a supermask learns its own; there ``k`` only
-sizes the "scaled" initialisation).
+``keep`` is always the fraction of weights **kept**, the papers' ``k`` (a supermask learns its
+own; there ``keep`` only sizes the "scaled" initialisation). The old keyword ``k=`` is refused
+with a pointer to ``keep=`` (``rwdet.nn.choose.refuse_k``).
 
 The fixed weights are drawn from one of ``rwdet.nn.inits.FIXED_INITS`` (N_k, U_k, N_x, U_x,
-kaiming uniform), optionally "scaled" by the fraction kept ``k``; ``rwdet.nn.inits`` states the
+kaiming uniform), optionally "scaled" by the fraction kept ``keep``; ``rwdet.nn.inits`` states the
 formulas and how they relate to the authors' ``prune_rate``.
 """
 
@@ -34,6 +35,7 @@ from rwdet.nn.choose import (
     dnw_weight,
     kept_count,
     popup_mask,
+    refuse_k,
     supermask_mask,
     topk_mask,
 )
@@ -61,11 +63,11 @@ def _init_scores(weight: torch.Tensor) -> nn.Parameter:
 class _PopupMixin:
     """Shared by the popup layers: a fixed ``weight`` and a learnable ``scores`` of its shape."""
 
-    def _setup_popup(self, k: float, init: str, scale: bool) -> None:
+    def _setup_popup(self, keep: float, init: str, scale: bool) -> None:
         check_init(init)
-        self.k, self.init, self.scale = float(k), init, bool(scale)
-        self.count = kept_count(k, self.weight.numel())
-        init_fixed_weight_(self.weight, init, self.k, self.scale)
+        self.keep, self.init, self.scale = float(keep), init, bool(scale)
+        self.count = kept_count(keep, self.weight.numel())
+        init_fixed_weight_(self.weight, init, self.keep, self.scale)
         self.weight.requires_grad_(False)
         self.scores = _init_scores(self.weight)
 
@@ -77,18 +79,21 @@ class _PopupMixin:
         return self.weight * popup_mask(self.scores, self.count)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}, init={self.init}, scale={self.scale}"
+        return f"{super().extra_repr()}, keep={self.keep}, init={self.init}, scale={self.scale}"
 
 
 class PopupConv2d(_PopupMixin, nn.Conv2d):
     """``nn.Conv2d`` with fixed random weights and a learned top-k subnetwork (edge-popup)."""
 
-    def __init__(self, *args, k: float = 0.3, init="signed_constant", scale=True, **kwargs):
+    def __init__(
+        self, *args, keep: float = 0.3, init="signed_constant", scale=True, k=None, **kwargs
+    ):
+        refuse_k(k, "PopupConv2d")
         if kwargs.get("bias", False):
             raise ValueError("PopupConv2d has no learned bias in edge-popup; pass bias=False")
         kwargs["bias"] = False
         super().__init__(*args, **kwargs)
-        self._setup_popup(k, init, scale)
+        self._setup_popup(keep, init, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), None)
@@ -107,16 +112,18 @@ class PopupLinear(_PopupMixin, nn.Module):
         out_features: int,
         bias: bool = False,
         *,
-        k: float = 0.3,
+        keep: float = 0.3,
         init: str = "signed_constant",
         scale: bool = True,
+        k=None,
     ):
         super().__init__()
+        refuse_k(k, "PopupLinear")
         if bias:
             raise ValueError("PopupLinear has no learned bias in edge-popup; pass bias=False")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self._setup_popup(k, init, scale)
+        self._setup_popup(keep, init, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight())
@@ -124,7 +131,7 @@ class PopupLinear(_PopupMixin, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"k={self.k}, init={self.init}, scale={self.scale}"
+            f"keep={self.keep}, init={self.init}, scale={self.scale}"
         )
 
 
@@ -134,18 +141,19 @@ class _SupermaskMixin:
 
     Layer keywords:
         init, scale: the fixed weights' distribution (``rwdet.nn.inits``).
-        k: only sizes the "scaled" distribution (the fraction kept is learned, not chosen;
+        keep: only sizes the "scaled" distribution (the fraction kept is learned, not chosen;
             0.5 is where the score initialisation starts every p).
         eval_mask: the evaluation mask, "threshold" (p > 0.5), "expected" or "sample"
             (``rwdet.nn.choose``).
     """
 
-    def _setup_supermask(self, init: str, scale: bool, k: float, eval_mask: str) -> None:
+    def _setup_supermask(self, init: str, scale: bool, keep: float, eval_mask: str) -> None:
         check_init(init)
         check_supermask_eval(eval_mask)
-        kept_count(k, 1)  # validates k
-        self.init, self.scale, self.k, self.eval_mask = init, bool(scale), float(k), eval_mask
-        init_fixed_weight_(self.weight, init, self.k, self.scale)
+        kept_count(keep, 1)  # validates keep
+        self.init, self.scale, self.keep = init, bool(scale), float(keep)
+        self.eval_mask = eval_mask
+        init_fixed_weight_(self.weight, init, self.keep, self.scale)
         self.weight.requires_grad_(False)
         self.scores = _init_scores(self.weight)
 
@@ -162,7 +170,7 @@ class _SupermaskMixin:
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, init={self.init}, scale={self.scale}, k={self.k}, "
+            f"{super().extra_repr()}, init={self.init}, scale={self.scale}, keep={self.keep}, "
             f"eval_mask={self.eval_mask}"
         )
 
@@ -172,13 +180,15 @@ class SupermaskConv2d(_SupermaskMixin, nn.Conv2d):
     keywords as ``_SupermaskMixin`` lists them."""
 
     def __init__(
-        self, *args, init="signed_constant", scale=False, k=0.5, eval_mask="threshold", **kw
-    ):
+        self, *args, init="signed_constant", scale=False, keep=0.5, eval_mask="threshold",
+        k=None, **kw,
+    ):  # fmt: skip
+        refuse_k(k, "SupermaskConv2d")
         if kw.get("bias", False):
             raise ValueError("SupermaskConv2d has no learned bias; pass bias=False")
         kw["bias"] = False
         super().__init__(*args, **kw)
-        self._setup_supermask(init, scale, k, eval_mask)
+        self._setup_supermask(init, scale, keep, eval_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), None)
@@ -196,15 +206,17 @@ class SupermaskLinear(_SupermaskMixin, nn.Module):
         *,
         init: str = "signed_constant",
         scale: bool = False,
-        k: float = 0.5,
+        keep: float = 0.5,
         eval_mask: str = "threshold",
+        k=None,
     ):
         super().__init__()
+        refuse_k(k, "SupermaskLinear")
         if bias:
             raise ValueError("SupermaskLinear has no learned bias; pass bias=False")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self._setup_supermask(init, scale, k, eval_mask)
+        self._setup_supermask(init, scale, keep, eval_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight())
@@ -212,16 +224,16 @@ class SupermaskLinear(_SupermaskMixin, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"init={self.init}, scale={self.scale}, k={self.k}, eval_mask={self.eval_mask}"
+            f"init={self.init}, scale={self.scale}, keep={self.keep}, eval_mask={self.eval_mask}"
         )
 
 
 class _DNWMixin:
-    """Shared by the DNW sparse layers: the top ``round(k*n)`` ``|weight|`` are used."""
+    """Shared by the DNW sparse layers: the top ``round(keep*n)`` ``|weight|`` are used."""
 
-    def _setup_dnw(self, k: float) -> None:
-        self.k = float(k)
-        self.count = kept_count(k, self.weight.numel())
+    def _setup_dnw(self, keep: float) -> None:
+        self.keep = float(keep)
+        self.count = kept_count(keep, self.weight.numel())
 
     def kept_mask(self) -> torch.Tensor:
         return topk_mask(self.weight.abs(), self.count).bool()
@@ -230,15 +242,16 @@ class _DNWMixin:
         return dnw_weight(self.weight, self.count)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}"
+        return f"{super().extra_repr()}, keep={self.keep}"
 
 
 class DNWConv2d(_DNWMixin, nn.Conv2d):
-    """Sparse training by DNW (Table 4): a fixed fraction ``k`` of the weights is used."""
+    """Sparse training by DNW (Table 4): a fixed fraction ``keep`` of the weights is used."""
 
-    def __init__(self, *args, k: float = 0.1, **kwargs):
+    def __init__(self, *args, keep: float = 0.1, k=None, **kwargs):
+        refuse_k(k, "DNWConv2d")
         super().__init__(*args, **kwargs)
-        self._setup_dnw(k)
+        self._setup_dnw(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)
@@ -247,9 +260,10 @@ class DNWConv2d(_DNWMixin, nn.Conv2d):
 class DNWLinear(_DNWMixin, nn.Linear):
     """``nn.Linear`` trained sparse by DNW; the bias stays dense."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k=0.1):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, keep=0.1, k=None):
+        refuse_k(k, "DNWLinear")
         super().__init__(in_features, out_features, bias)
-        self._setup_dnw(k)
+        self._setup_dnw(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight(), self.bias)

@@ -11,10 +11,19 @@ from torch import nn
 
 from rwdet.graphs import GraphSpec
 from rwdet.nn.aggregate import exporting, weighted_sum
-from rwdet.nn.fused import fusable, fused_stage
+from rwdet.nn.execution import (
+    FUSED,
+    RECOMPUTE,
+    check_execution,
+    fused_obstacle,
+    impossible,
+    refuse_old_keywords,
+    stage_path,
+)
+from rwdet.nn.fused import fused_stage
 from rwdet.nn.gates import EdgeGates, StaticGates
 from rwdet.nn.node_ops import build_node_op
-from rwdet.nn.recompute import checkpointed, wants_recompute
+from rwdet.nn.recompute import checkpointed
 
 
 class GraphStage(nn.Module):
@@ -28,12 +37,12 @@ class GraphStage(nn.Module):
     - The stage output is the unweighted mean of the sinks.
     - Nodes run in index order (a topological order, since every edge has ``u < v``) and each
       output is released as soon as its last child has consumed it.
-    - Training memory: with ``fused=True`` (default) a stage of plain sepconv nodes (BN in
-      training mode, or detectron2's FrozenBN) runs as one autograd op that keeps one tensor
-      per node for backward (``rwdet.nn.fused``), not four.
-      Other node ops, DNW/popup layer types and eval-mode BN run node by node; there
-      ``recompute=True`` checkpoints each node (``rwdet.nn.recompute``). Both give the
-      reference path's results; ``fused=False, recompute=False`` is that reference.
+    - How a training step runs is ``execution`` (``rwdet.nn.execution``, which chooses and
+      logs): ``"reference"`` node by node with plain autograd (the definition),
+      ``"recompute"`` each node checkpointed, ``"fused"`` one autograd op keeping one tensor
+      per node (plain sepconv stages only; ``rwdet.nn.fused``), ``"auto"`` (default) fused
+      where possible, else reference. Every path computes through ``aggregate``, the node
+      ops and ``sink_mean`` below. ``name`` labels the stage in errors and logs.
     - On CPU the fused op and forwards without gradients compute in channels_last and return
       the input's layout (see ``forward``).
     """
@@ -48,13 +57,17 @@ class GraphStage(nn.Module):
         gates: EdgeGates | None = None,
         conv_layer=nn.Conv2d,
         norm_layer=nn.BatchNorm2d,
-        recompute: bool = False,
-        fused: bool = True,
+        execution: str = "auto",
+        *,
+        name: str = "",
+        fused=None,
+        recompute=None,
     ):
         super().__init__()
+        refuse_old_keywords(fused, recompute)
         self.spec = spec
-        self.recompute = recompute
-        self.fused = fused
+        self.execution = execution
+        self.name = name
         self.gates = gates if gates is not None else StaticGates(spec.edges)
         edges = self.gates.edges
         n = spec.n
@@ -105,20 +118,22 @@ class GraphStage(nn.Module):
         for v in range(n):
             starts.append(starts[-1] + len(self.in_edges[v]))
         self.slices = list(zip(starts[:-1], starts[1:]))
+        if execution == FUSED:  # what is already known now is refused now
+            obstacle = fused_obstacle(self.nodes)
+            if obstacle is not None:
+                raise impossible(self, obstacle)
 
-    def _use_fused(self) -> bool:
-        # Tracers (torch.compile, jit.trace as in fvcore's FLOP count, jit.script, ONNX
-        # export) get the node-by-node path.
-        return (
-            self.fused
-            and self.training
-            and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and not exporting()
-            and all(fusable(op) for op in self.nodes)
-        )
+    @property
+    def execution(self) -> str:
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        self._execution = check_execution(value)
 
     def aggregate(self, v: int, x: torch.Tensor, outs: dict, gates: torch.Tensor):
+        """Node ``v``'s input ``I_v = sum gate[e] * Z_parent``: the stage input for a source,
+        the parent's output itself over a single unit edge (gate identically 1)."""
         ins = self.in_edges[v]
         if not ins:
             return x
@@ -141,37 +156,42 @@ class GraphStage(nn.Module):
         # warning, a copy each step). CUDA keeps the layout.
         # A stage with nothing to differentiate (FREEZE_AT's frozen stages) saves nothing for
         # backward either way; the node path keeps FrozenBN's own no-gradient kernel there.
-        fused = self._use_fused() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
+        path = stage_path(self, x)
         cl = torch.channels_last
         if (
-            (fused or not torch.is_grad_enabled())
+            (path == FUSED or not torch.is_grad_enabled())
             and x.device.type == "cpu"
             and not exporting()
             and not x.is_contiguous(memory_format=cl)
         ):
-            return self._forward(x.contiguous(memory_format=cl), fused).contiguous()
-        return self._forward(x, fused)
+            return self._forward(x.contiguous(memory_format=cl), path).contiguous()
+        return self._forward(x, path)
 
-    def _forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, path: str) -> torch.Tensor:
         gates = self.gates()
-        if fused:
+        if path == FUSED:
             return fused_stage(self, x, gates)
         outs: dict[int, torch.Tensor] = {}
-        recompute = wants_recompute(self.recompute, self)
         for v, node in enumerate(self.nodes):
-            if recompute:
+            if path == RECOMPUTE:
                 parents = [outs[u] for _, u in self.in_edges[v]]
                 outs[v] = checkpointed(self.run_node, v, x, gates, *parents, module=node)
             else:
                 outs[v] = node(self.aggregate(v, x, outs, gates))
             for u in self.release_after[v]:
                 del outs[u]
+        return self.sink_mean(outs)
+
+    def sink_mean(self, outs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The stage output: the unweighted mean of the sinks, summed in index order (every
+        path; in place on its own sum only, which autograd allows)."""
         sinks = self.sinks
         if not sinks:  # only when the graph-damage study has removed the one sink
             return torch.zeros_like(outs[len(self.nodes) - 1])
         out = outs[sinks[0]]
-        for s in sinks[1:]:
-            out = out + outs[s]
-        return out / len(sinks) if len(sinks) > 1 else out
+        if len(sinks) == 1:
+            return out
+        out = out + outs[sinks[1]]
+        for s in sinks[2:]:
+            out.add_(outs[s])
+        return out.div_(len(sinks))

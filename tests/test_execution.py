@@ -239,3 +239,12 @@ def test_detection_config_sets_the_stages_execution_and_records_no_spec_for_it()
 
 def _stages(model):
     return [m for m in model.modules() if isinstance(m, GraphStage)]
+
+
+def test_execution_is_not_recorded_as_architecture():
+    from rwdet.models import build_model
+
+    a = build_model("randwire_small", num_classes=3, execution="reference")
+    b = build_model("randwire_small", num_classes=3)
+    assert "execution" not in a.rwdet_spec["kwargs"]
+    assert a.rwdet_spec == b.rwdet_spec

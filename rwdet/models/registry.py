@@ -154,7 +154,9 @@ def build_model(
         model = MODELS[name](**kwargs)
         model.rwdet_spec = {
             "name": name,
-            "kwargs": {k: v for k, v in kwargs.items() if k != "graphs"},
+            # graphs travel apart as edge lists; ``execution`` picks how stages run, not what
+            # they compute, so a run may resume or be reloaded under another choice.
+            "kwargs": {k: v for k, v in kwargs.items() if k not in ("graphs", "execution")},
         }
     elif isinstance(pretrained, (str, os.PathLike)):
         from rwdet.models.artifact import read_model_file

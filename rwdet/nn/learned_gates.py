@@ -69,7 +69,25 @@ def complete_dag_edges(n: int) -> list[tuple[int, int]]:
     return [(u, v) for u in range(n) for v in range(u + 1, n)]
 
 
-class DNWGates(EdgeGates):
+class ChosenEdges(EdgeGates):
+    """Gates that choose their live edges among candidates (DNW, edge-popup): a subclass gives
+    ``kept_mask()``; the live edges and the kept counts follow from it here, once."""
+
+    def kept_mask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def active_edges(self) -> list[tuple[int, int]]:
+        return [e for e, keep in zip(self.edges, self.kept_mask().tolist()) if keep]
+
+    def kept_counts(self, cx) -> dict:
+        """For ``rwdet.complexity.sparse``: the searched network has every candidate edge;
+        the found one keeps the chosen edges into live nodes (``cx.live_nodes``)."""
+        live = cx.live_nodes
+        kept = sum(1 for _, v in self.active_edges() if live is None or live[v])
+        return dict(params_dense=len(self.edges), params_kept=kept, flops_dense=0, flops=0)
+
+
+class DNWGates(ChosenEdges):
     """DNW on a node-level stage: the ``budget`` largest-``|w|`` edges of the complete DAG."""
 
     def __init__(self, spec: GraphSpec, budget: int | None = None, init: str = "uniform"):
@@ -100,21 +118,11 @@ class DNWGates(EdgeGates):
     def forward(self) -> torch.Tensor:
         return dnw_weight(self.weight, self.budget)
 
-    def active_edges(self) -> list[tuple[int, int]]:
-        return [e for e, keep in zip(self.edges, self.kept_mask().tolist()) if keep]
-
     def extra_repr(self) -> str:
         return f"candidates={len(self.edges)}, budget={self.budget}"
 
-    def kept_counts(self, cx) -> dict:
-        """For ``rwdet.complexity.sparse``: the searched network has every candidate edge;
-        the found one keeps the chosen edges into live nodes (``cx.live_nodes``)."""
-        live = cx.live_nodes
-        kept = sum(1 for _, v in self.active_edges() if live is None or live[v])
-        return dict(params_dense=len(self.edges), params_kept=kept, flops_dense=0, flops=0)
 
-
-class PopupGates(EdgeGates):
+class PopupGates(ChosenEdges):
     """edge-popup on a stage's aggregation edges: fixed random weights, learned scores; each
     node's in-edges are one layer (module docstring)."""
 
@@ -150,18 +158,8 @@ class PopupGates(EdgeGates):
     def forward(self) -> torch.Tensor:
         return self.weight * popup_mask(self.scores, 0, self.groups)
 
-    def active_edges(self) -> list[tuple[int, int]]:
-        return [e for e, keep in zip(self.edges, self.kept_mask().tolist()) if keep]
-
     def extra_repr(self) -> str:
         return f"edges={len(self.edges)}, keep={self.keep}, kept={self.count}, init={self.init}"
-
-    def kept_counts(self, cx) -> dict:
-        """For ``rwdet.complexity.sparse``: the searched network has every candidate edge;
-        the found one keeps the chosen edges into live nodes (``cx.live_nodes``)."""
-        live = cx.live_nodes
-        kept = sum(1 for _, v in self.active_edges() if live is None or live[v])
-        return dict(params_dense=len(self.edges), params_kept=kept, flops_dense=0, flops=0)
 
 
 class FixedGates(EdgeGates):

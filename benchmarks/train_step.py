@@ -10,11 +10,18 @@ over rounds. Ratios are taken against torchvision ResNet-50 measured in the same
   python benchmarks/train_step.py --models randwire_c109 resnet50 --rounds 3 --json out.json
   python benchmarks/train_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 
-Model specs: ``name[:wiring][+option...]`` with options ``reference``, ``recompute`` and
-``fused`` (the stages' ``execution``, ``rwdet.nn.execution``; none: ``auto``) and ``fold``
-(inference runs on ``rwdet.nn.fuse_for_inference(model)``: BN folded into the convs, gates
-precomputed; it works on the torchvision baselines too, whose eval mode keeps BN as a separate
-op, so ``resnet50+fold`` is the fair baseline for a folded model).
+Model specs: ``name[:wiring][+option...]`` with options ``reference``, ``recompute``,
+``fused`` and ``rebuild`` (the stages' ``execution``, ``rwdet.nn.execution``; none: ``auto``),
+``fold`` (inference runs on ``rwdet.nn.fuse_for_inference(model)``: BN folded into the convs,
+gates precomputed; it works on the torchvision baselines too, whose eval mode keeps BN as a
+separate op, so ``resnet50+fold`` is the fair baseline for a folded model) and
+``channels_last`` (this model's weights and input in channels_last, so both layouts can be
+measured side by side in one run; ``--channels-last`` sets it for every model) and ``pad8``
+(``rwdet.nn.pad_channels(model, 8)``: C=109's widths 54/109/218/436 padded with zero channels
+to multiples of 8, the same function, for tensor-core kernels on a GPU).
+
+  python benchmarks/train_step.py --models resnet50 resnet50+channels_last randwire_c109 \
+      randwire_c109+channels_last --rounds 3
 
 ``--inference`` measures inference img/s only, every model in this one process (built once,
 then models alternate forward by forward within each round), and prints each model's ratio to
@@ -42,7 +49,11 @@ sys.path.insert(0, ROOT)
 from benchmarks._common import base_environment, median_rows, peak_bytes, run_json_worker  # noqa: E402
 
 BASELINE = "resnet50"
-EXECUTION_OPTIONS = ("reference", "recompute", "fused")
+EXECUTION_OPTIONS = ("reference", "recompute", "fused", "rebuild")
+# Not executions: ``fold`` (inference on the folded copy), ``channels_last`` (this model's
+# weights and input in channels_last, whatever ``--channels-last`` says for the others),
+# ``pad8`` (``rwdet.nn.pad_channels(model, 8)``: every width a multiple of 8, same function).
+LAYOUT_OPTIONS = ("fold", "channels_last", "pad8")
 DEFAULT_MODELS = [
     "resnet50",
     "randwire_c109",
@@ -64,8 +75,8 @@ def build(spec: str, overrides: dict):
 
     spec, *options = spec.split("+")
     for opt in options:
-        if opt not in (*EXECUTION_OPTIONS, "fold"):
-            known = ", ".join(f"+{o}" for o in (*EXECUTION_OPTIONS, "fold"))
+        if opt not in (*EXECUTION_OPTIONS, *LAYOUT_OPTIONS):
+            known = ", ".join(f"+{o}" for o in (*EXECUTION_OPTIONS, *LAYOUT_OPTIONS))
             raise ValueError(f"model option +{opt} is not known; use {known}")
     executions = [opt for opt in options if opt in EXECUTION_OPTIONS]
     if len(executions) > 1:
@@ -80,7 +91,12 @@ def build(spec: str, overrides: dict):
         kwargs["execution"] = executions[0]
     if wiring:
         kwargs["wiring"] = wiring
-    return build_model(name, **kwargs)
+    model = build_model(name, **kwargs)
+    if "pad8" in options:
+        from rwdet.nn import pad_channels
+
+        model = pad_channels(model, 8)
+    return model
 
 
 def worker(args) -> dict:
@@ -94,7 +110,7 @@ def worker(args) -> dict:
         return {"model": args.worker, "skipped": "not registered"}
     dev = torch.device(args.device)
     model.to(dev)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    fmt = memory_format(args.worker, args.channels_last)
     model.to(memory_format=fmt)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-5)
@@ -146,6 +162,16 @@ def worker(args) -> dict:
     }
 
 
+def memory_format(spec: str, channels_last: bool):
+    """The layout of ``spec``'s weights and input: channels_last for ``--channels-last`` or a
+    ``+channels_last`` spec, else NCHW."""
+    import torch
+
+    if channels_last or "channels_last" in spec.split("+")[1:]:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def folded(spec: str) -> bool:
     return "fold" in spec.split("+")[1:]
 
@@ -174,17 +200,18 @@ def inference_run(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     dev = torch.device(args.device)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     overrides = json.loads(args.overrides)
     models = {}
     for spec in args.models:
         model = build(spec, overrides)
         if model is not None:
+            fmt = memory_format(spec, args.channels_last)
             models[spec] = for_inference(model.to(dev).to(memory_format=fmt), spec)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).to(memory_format=fmt)
+    x0 = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    inputs = {spec: x0.to(memory_format=memory_format(spec, args.channels_last)) for spec in models}
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
-    def forward(model) -> float:
+    def forward(model, x) -> float:
         t = time.perf_counter()
         model(x)
         if dev.type == "cuda":
@@ -197,7 +224,7 @@ def inference_run(args) -> dict:
             times: dict[str, list[float]] = {spec: [] for spec in models}
             for i in range(args.warmup * (r == 0) + args.iters):
                 for spec, model in models.items():
-                    t = forward(model)
+                    t = forward(model, inputs[spec])
                     if i >= args.warmup * (r == 0):
                         times[spec].append(t)
             img_s = {spec: args.batch / statistics.median(ts) for spec, ts in times.items()}

@@ -9,6 +9,8 @@
 # budget); the report records each step's status, seconds and log:
 #   pytest_gpu  the `gpu`-marked tests
 #   train_step  benchmarks/train_step.py, bf16 autocast + channels_last, batch 128
+#   pad_step    the same for C=109 and C=109 with its widths padded to multiples of 8
+#               (`+pad8`, rwdet.nn.pad_channels: the tensor-core hypothesis of issue #19)
 #   det_step    benchmarks/det_step.py, bf16 autocast
 #   decode      benchmarks/decode.py (PIL on CPU workers vs JPEG decode on the GPU)
 #   train_cls   1-GPU torchrun (NCCL) smoke of tools/train_cls.py: 20 iterations on Fashion-MNIST
@@ -39,12 +41,13 @@ else
 fi
 
 TRAIN_MODELS="resnet50 randwire_c109 randwire_c154 randwire_small mobilenetv1_dnw_x0225 resnet50_popup mobilenet_v2"
+PAD_MODELS="randwire_c109 randwire_c109+pad8"
 DET_MODELS="r50_fpn r101_fpn randwire_c109 randwire_c154"
 # 20 iterations: 1280 training images at a global batch of 64, one epoch.
 CLS_ARGS="--gen ws --epochs 1 --batch-size 64 --warmup-epochs 0 --no-resume --amp bf16"
 CLS_OPTS="data.train_subset 1280"
 NET_OPTS="MODEL.RWDET.NAME randwire_small MODEL.RWDET.STEM imagenet SOLVER.MAX_ITER 20 SOLVER.CHECKPOINT_PERIOD 1000"
-export TRAIN_MODELS DET_MODELS CLS_ARGS CLS_OPTS NET_OPTS
+export TRAIN_MODELS PAD_MODELS DET_MODELS CLS_ARGS CLS_OPTS NET_OPTS
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1"
 export TORCHRUN
 
@@ -54,6 +57,11 @@ gpu_train_step() {
   # shellcheck disable=SC2086
   "$PY" benchmarks/train_step.py --device cuda --batch 128 --amp bf16 --channels-last \
     --models $TRAIN_MODELS --rounds 2 --iters 6 --warmup 2 --json "$OUT/train_step.json"
+}
+gpu_pad_step() {
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/train_step.py --device cuda --batch 128 --amp bf16 --channels-last \
+    --models $PAD_MODELS --rounds 1 --iters 6 --warmup 2 --json "$OUT/pad_step.json"
 }
 gpu_det_step() {
   # shellcheck disable=SC2086
@@ -88,6 +96,21 @@ known = set(list_models()) | {"resnet50", "mobilenet_v2"}
 missing = [m for m in sys.argv[1:] if m not in known]
 print("models:", sys.argv[1:], "not registered:", missing)
 sys.exit(1 if missing else 0)
+EOF
+}
+dry_pad_step() {
+  # builds both models on the CPU, through the benchmark's own spec parser
+  # shellcheck disable=SC2086
+  "$PY" - $PAD_MODELS <<'EOF'
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("train_step", "benchmarks/train_step.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+for name in sys.argv[1:]:
+    model = bench.build(name, {})
+    print(name, "built:", model is not None)
+    if model is None:
+        sys.exit(1)
 EOF
 }
 dry_det_step() {
@@ -128,8 +151,9 @@ print("demo config loads, backbone builds;", len(DatasetCatalog.get(cfg.DATASETS
       "training images")
 EOF
 }
-export -f gpu_pytest_gpu gpu_train_step gpu_det_step gpu_decode gpu_train_cls gpu_train_net
-export -f dry_pytest_gpu dry_train_step dry_det_step dry_decode dry_train_cls dry_train_net
+export -f gpu_pytest_gpu gpu_train_step gpu_pad_step gpu_det_step gpu_decode gpu_train_cls
+export -f gpu_train_net dry_pytest_gpu dry_train_step dry_pad_step dry_det_step dry_decode
+export -f dry_train_cls dry_train_net
 
 # ------------------------------------------------------------------ run and record
 STEPS="$OUT/steps.tsv"
@@ -154,12 +178,13 @@ step() { # NAME GPU_TIMEOUT_S (the report lists the GPU timeout; a dry check get
   return 0
 }
 # Timeouts sum to 470 s: under 8 minutes with the report.
-step pytest_gpu 60
+step pytest_gpu 50
 step train_step 150
-step det_step 100
-step decode 30
-step train_cls 60
-step train_net 70
+step pad_step 40
+step det_step 90
+step decode 25
+step train_cls 55
+step train_net 60
 
 "$PY" - "$MODE" "$OUT" <<'EOF'
 import json, os, platform, subprocess, sys
@@ -189,7 +214,7 @@ try:
 except OSError:
     pass
 bench = {}
-for name in ("train_step", "det_step"):
+for name in ("train_step", "pad_step", "det_step"):
     path = os.path.join(out, f"{name}.json")
     if os.path.isfile(path):
         with open(path) as f:

@@ -75,6 +75,10 @@ def test_python_tag_in_a_base_config_is_refused_by_the_real_cli(tmp_path):
         (["MODEL.NOPE", "1"], ["MODEL.NOPE", "spelling"]),
         (["MODEL", "1"], ["MODEL", "one of its keys"]),
         (["SOLVER.MAX_ITER"], ["SOLVER.MAX_ITER", "pairs"]),
+        (
+            ["MODEL.RWDET.REBUILD_STAGES", "[conv3]"],
+            ["'[conv3]'", "expected a list", "MODEL.RWDET.REBUILD_STAGES \"['a', 'b']\""],
+        ),
     ],
 )
 def test_bad_overrides_are_one_line(opts, names, capsys):

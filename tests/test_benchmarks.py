@@ -101,7 +101,12 @@ def test_execution_options_set_the_stages_execution():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     small = {"channels": 8, "nodes": 8}
-    for option, execution in (("", "auto"), ("+reference", "reference"), ("+fused", "fused")):
+    for option, execution in (
+        ("", "auto"),
+        ("+reference", "reference"),
+        ("+fused", "fused"),
+        ("+rebuild", "rebuild"),
+    ):
         model = bench.build("randwire_small" + option + "+fold", small)
         assert {m.execution for m in model.modules() if hasattr(m, "execution")} == {execution}
     with pytest.raises(ValueError, match=r"\+reference"):  # the old name, refused
@@ -163,7 +168,15 @@ def test_det_step_benchmark_tiny(tmp_path):
     assert env["baseline"] == "r50_fpn" and env["torch"] and env["detectron2"]
 
 
-GPU_CHECK_STEPS = ("pytest_gpu", "train_step", "det_step", "decode", "train_cls", "train_net")
+GPU_CHECK_STEPS = (
+    "pytest_gpu",
+    "train_step",
+    "pad_step",
+    "det_step",
+    "decode",
+    "train_cls",
+    "train_net",
+)
 
 
 @pytest.mark.slow
@@ -192,5 +205,27 @@ def test_gpu_check_dry_run_without_cuda(tmp_path):
         r"\b[1-9]\d*(/\d+)? tests? collected", (out / "logs" / "pytest_gpu.log").read_text()
     )
     assert sum(s["timeout_s"] for s in report["steps"]) < 8 * 60
+    pad_log = (out / "logs" / "pad_step.log").read_text()
+    assert "randwire_c109+pad8 built: True" in pad_log
     det_log = (out / "logs" / "det_step.log").read_text()
     assert all(f"{m} config loads" in det_log for m in ("r50_fpn", "r101_fpn", "randwire_c154"))
+
+
+def test_channels_last_option_sets_one_models_layout():
+    """Layouts side by side in one run: ``+channels_last`` for one model, ``--channels-last``
+    for all."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "train_step", os.path.join(ROOT, "benchmarks", "train_step.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    assert bench.memory_format("randwire_c109+channels_last", False) == cl
+    assert bench.memory_format("randwire_c109+fold+channels_last", False) == cl
+    assert bench.memory_format("randwire_c109", False) == nchw
+    assert bench.memory_format("randwire_c109", True) == cl
+    assert bench.build("randwire_small+channels_last", {"channels": 8, "nodes": 8}) is not None

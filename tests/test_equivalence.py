@@ -16,7 +16,11 @@ from rwdet.models import build_model
 from rwdet.nn import GraphStage
 
 GRAPHS = [("er", {"p": 0.3}), ("ba", {"m": 3}), ("ws", {"k": 4, "p": 0.75})]
-PATHS = {"recompute": {"execution": "recompute"}, "fused": {"execution": "fused"}}
+PATHS = {
+    "recompute": {"execution": "recompute"},
+    "fused": {"execution": "fused"},
+    "rebuild": {"execution": "rebuild"},
+}
 
 
 def _stage_pair(gen, params, path):
@@ -79,7 +83,7 @@ def test_stage_matches_reference(gen, params, path):
     ref, opt = _stage_pair(gen, params, path)
     for _ in range(2):  # the second step starts from updated running statistics
         y = _assert_same_training_step(ref, opt, torch.randn(4, 3, 12, 12))
-    assert (fused_node(y) is not None) == (path == "fused")
+    assert (fused_node(y) is not None) == (path in ("fused", "rebuild"))
 
 
 @pytest.mark.parametrize("gen,params", GRAPHS)
@@ -240,6 +244,8 @@ def test_fused_path_keeps_one_tensor_per_node():
     n = ref.spec.n
     assert saved_bytes(opt) == n * node_bytes
     assert saved_bytes(ref) >= 3 * n * node_bytes
+    opt.execution = "rebuild"  # nothing of the stage between forward and backward
+    assert saved_bytes(opt) == 0
 
 
 def test_fused_backward_twice_matches_reference():
@@ -311,10 +317,12 @@ def _frozen_pair(gen="ws", params=None, requires_grad=True):
     return ref, opt
 
 
+@pytest.mark.parametrize("execution", ["fused", "rebuild"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("gen,params", GRAPHS)
-def test_frozen_bn_stage_runs_fused_and_matches_reference(gen, params, layout):
+def test_frozen_bn_stage_runs_fused_and_matches_reference(gen, params, layout, execution):
     ref, opt = _frozen_pair(gen, params)
+    opt.execution = execution
     x = torch.randn(4, 3, 12, 12)
     if layout == "channels_last":
         ref.to(memory_format=torch.channels_last), opt.to(memory_format=torch.channels_last)
@@ -386,3 +394,79 @@ def test_frozen_bn_fused_under_bf16_autocast_as_accurate_as_reference():
         ref.named_parameters(), opt.named_parameters(), exact.named_parameters()
     ):
         assert err(pb.grad, pc.grad) <= 1.25 * err(pa.grad, pc.grad) + 1e-2, name
+
+
+# ------------------------------------------- forwards autograd does not record (inference)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _eval_stage(gen, params, frozen_params=False):
+    ref, _ = _stage_pair(gen, params, "fused")
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):  # eval-mode BN away from the identity
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
+    return ref.eval().requires_grad_(not frozen_params)
+
+
+def _borrowing_nodes(stage):
+    """Nodes whose ReLU input is a tensor someone else still reads: the stage input (one ReLU
+    shared by all sources) or a unit edge's parent that has a later child."""
+    lent = {v for v in range(stage.spec.n) if len(stage.in_edges[v]) == 1}
+    lent = {v for v in lent if stage.last_use.get(stage.in_edges[v][0][1]) != v}
+    return (1 if stage.sources else 0) + len(lent)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "frozen parameters"])
+@pytest.mark.parametrize("gen,params", GRAPHS)
+def test_unrecorded_forward_matches_reference_in_place_where_safe(gen, params, how):
+    """Without autograd the stage ReLUs in place wherever nothing else reads the memory and
+    shares the stage input's ReLU among the sources: the same numbers as the reference (same
+    kernels, same layout), the caller's input untouched, and out-of-place ReLUs only where a
+    tensor is still read by others."""
+    stage = _eval_stage(gen, params, frozen_params=how == "frozen parameters")
+    x = torch.randn(4, 3, 12, 12).to(memory_format=torch.channels_last)
+    x_before = x.clone()
+    with torch.enable_grad():  # eval with gradients: node by node, every op out of place
+        expected = stage(x.clone().requires_grad_()).detach()
+    counter = _OpCounter()
+    with counter, torch.set_grad_enabled(how != "no_grad"):
+        y = stage(x)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+    borrowing = _borrowing_nodes(stage)  # one of them for all the sources together
+    assert counter.calls.count("relu.default") == borrowing
+    in_place = stage.spec.n - len(stage.sources) - (borrowing - 1)
+    assert counter.calls.count("relu_.default") == in_place
+
+
+def test_fused_forward_relus_in_place_where_safe():
+    _, opt = _stage_pair("ws", {"k": 4, "p": 0.75}, "fused")
+    x = torch.randn(4, 3, 12, 12).to(memory_format=torch.channels_last).requires_grad_()
+    counter = _OpCounter()
+    with counter:
+        y = opt(x)
+    assert fused_node(y) is not None
+    assert counter.calls.count("relu.default") == _borrowing_nodes(opt)
+
+
+def test_unrecorded_forward_runs_hooked_node_ops_whole():
+    """A node op with a hook runs through its own ``forward`` (the hook sees the aggregation)."""
+    stage = _eval_stage("ws", {"k": 4, "p": 0.75})
+    x = torch.randn(2, 3, 8, 8)
+    seen = []
+    stage.nodes[3].register_forward_hook(lambda m, i, o: seen.append(i[0].min().item()))
+    with torch.no_grad():
+        y = stage(x)
+    assert len(seen) == 1 and seen[0] < 0  # the node's input before its own ReLU
+    with torch.enable_grad():
+        torch.testing.assert_close(y, stage(x).detach())

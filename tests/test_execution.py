@@ -12,7 +12,7 @@ from rwdet.graphs import GraphSpec
 from rwdet.models import build_model
 from rwdet.nn import GraphStage, get_wiring
 
-EXECUTIONS = ("auto", "reference", "recompute", "fused")
+EXECUTIONS = ("auto", "reference", "recompute", "fused", "rebuild")
 WIRINGS = ("static", "popup", "dnw")
 OPS = ("sepconv", "conv")
 
@@ -42,7 +42,8 @@ def _expected(execution, op, wiring, training, grad):
     fusable = op == "sepconv" and wiring != "popup"  # DNW gates keep plain layers
     if execution == "auto":
         return "fused" if fusable else "node by node"
-    return {"reference": "node by node", "recompute": "recompute", "fused": "fused"}[execution]
+    table = {"reference": "node by node", "recompute": "recompute", "fused": "fused"}
+    return {**table, "rebuild": "rebuild"}[execution]
 
 
 def _what_ran(stage, training, grad):
@@ -55,13 +56,12 @@ def _what_ran(stage, training, grad):
     x = torch.randn(2, 2, 5, 5)
     with torch.set_grad_enabled(grad):
         y = stage(x)
+    op = fused_node(y) if y.grad_fn is not None else None
+    kept = None if op is None else op.keep  # "rebuild" keeps no C_v between forward and backward
     if y.grad_fn is not None:
-        fused = fused_node(y) is not None
         y.square().sum().backward()
-    else:
-        fused = False
-    if fused:
-        return "fused"
+    if op is not None:
+        return "fused" if kept else "rebuild"
     if calls:
         assert len(calls) == 2 * len(stage.nodes)  # forward, then again in backward
         return "recompute"
@@ -75,8 +75,8 @@ def _what_ran(stage, training, grad):
 @pytest.mark.parametrize("execution", EXECUTIONS)
 def test_decision_table(execution, op, wiring, training, grad):
     fusable = op == "sepconv" and wiring != "popup"
-    if execution == "fused" and not fusable:  # the messages: the test below
-        with pytest.raises(ValueError, match="execution='fused' cannot run it"):
+    if execution in ("fused", "rebuild") and not fusable:  # the messages: the test below
+        with pytest.raises(ValueError, match=f"execution='{execution}' cannot run it"):
             _stage(execution, op, wiring)
         return
     stage = _stage(execution, op, wiring)
@@ -248,3 +248,48 @@ def test_execution_is_not_recorded_as_architecture():
     b = build_model("randwire_small", num_classes=3)
     assert "execution" not in a.rwdet_spec["kwargs"]
     assert a.rwdet_spec == b.rwdet_spec
+
+
+def test_set_execution_names_stages_and_refuses_what_they_cannot_run():
+    from rwdet.nn import set_execution
+
+    kw = {"channels": 8, "nodes": 6, "num_classes": 3, "head_channels": 16}
+    model = build_model("randwire_small", **kw)
+    set_execution(model, "rebuild", ["conv4"])
+    assert {s.name: s.execution for s in _stages(model)} == {
+        "conv3": "auto",
+        "conv4": "rebuild",
+        "conv5": "auto",
+    }
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # every stage ran and got gradients
+    assert all(p.grad is not None for p in model.conv4.parameters())
+    with pytest.raises(ValueError, match=r"stages \['conv6'\] are not graph stages of this "
+                       r"model; its graph stages are \['conv3', 'conv4', 'conv5'\]"):  # fmt: skip
+        set_execution(model, "rebuild", ["conv6"])
+    set_execution(model, "reference")
+    assert {s.execution for s in _stages(model)} == {"reference"}
+    popup = build_model("randwire_small", wiring="popup", **kw)
+    with pytest.raises(ValueError, match="stage 'conv3': execution='rebuild' cannot run it: "
+                       "node 0 has PopupConv2d"):  # fmt: skip
+        set_execution(popup, "rebuild", ["conv3"])
+
+
+def test_detection_config_names_the_stages_to_rebuild():
+    from detectron2.modeling import build_backbone
+    from test_d2_backbone import make_cfg
+
+    def backbone(*opts):
+        return build_backbone(make_cfg(opts=["MODEL.BACKBONE.FREEZE_AT", 0, *opts]))
+
+    model = backbone("MODEL.RWDET.REBUILD_STAGES", ["conv3", "conv4"]).bottom_up.model
+    executions = {s.name: s.execution for s in _stages(model)}
+    assert executions["conv3"] == executions["conv4"] == "rebuild"
+    assert {executions[n] for n in executions if n not in ("conv3", "conv4")} == {"auto"}
+    assert "execution" not in model.rwdet_spec["kwargs"]
+    with pytest.raises(ValueError, match=r"^MODEL.RWDET.REBUILD_STAGES: stages \['res3'\] are "
+                       "not graph stages"):  # fmt: skip
+        backbone("MODEL.RWDET.REBUILD_STAGES", ["res3"])
+    with pytest.raises(ValueError, match="execution='rebuild' cannot run it: node 0 ends in "
+                       "SyncBatchNorm"):  # fmt: skip
+        backbone("MODEL.RWDET.REBUILD_STAGES", ["conv3"], "MODEL.RWDET.NORM", "SyncBN")

@@ -29,6 +29,7 @@ from rwdet.d2.spec import BackboneSpec, resolve_backbone_spec
 from rwdet.models import build_model, get_graphs
 from rwdet.models.interface import StagedClassifier
 from rwdet.models.registry import model_capabilities, stage_outputs
+from rwdet.nn.execution import set_execution
 
 
 def frozen_bn(bn: nn.Module) -> FrozenBatchNorm2d:
@@ -172,6 +173,11 @@ def build_rwdet_bottom_up(cfg, spec: BackboneSpec | None = None) -> RwdetBackbon
         model = build(norm_layer=lambda c: get_norm(norm, c))
     else:
         model = convert_norm(build(), norm, spec.name)
+    if cfg.MODEL.RWDET.REBUILD_STAGES:
+        try:
+            set_execution(model, "rebuild", cfg.MODEL.RWDET.REBUILD_STAGES)
+        except ValueError as e:
+            raise ValueError(f"MODEL.RWDET.REBUILD_STAGES: {e}") from None
     # What a checkpoint needs to rebuild this backbone exactly.
     model.rwdet_spec = {"name": spec.name, "kwargs": dict(spec.kwargs)}
     model.rwdet_graphs = get_graphs(model)

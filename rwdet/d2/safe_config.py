@@ -111,7 +111,11 @@ def merge_config_opts(cfg, opts: list[str]) -> None:
             cfg.merge_from_list([key, value])
         except (ValueError, AssertionError, KeyError):
             want = type(node).__name__
+            how = f"pass a {want}"
+            if isinstance(node, (list, tuple)):  # yacs reads them as Python literals
+                example = repr(list(node)) if node else "['a', 'b']"
+                how += f' as a Python literal, quoted for the shell, e.g. {key} "{example}"'
             raise UserError(
                 f"override {key} {value!r}: expected a {want} (the current value is "
-                f"{node!r}); pass a {want}"
+                f"{node!r}); {how}"
             ) from None

@@ -44,10 +44,11 @@ def plain_weighted_sum(weights: torch.Tensor, inputs: list[torch.Tensor]) -> tor
     return out
 
 
-def accumulate(inputs, w) -> torch.Tensor:
-    """``sum w_i * Z_i`` into one new tensor; ``w`` are 0-d tensors (not Python floats: no
-    host-device sync per node on a GPU)."""
-    out = inputs[0] * w[0]
+def accumulate(inputs, w, into_first: bool = False) -> torch.Tensor:
+    """``sum w_i * Z_i`` into one new tensor, or into ``inputs[0]``'s own memory when
+    ``into_first`` (the caller's promise that nothing reads it afterwards; the same numbers);
+    ``w`` are 0-d tensors (not Python floats: no host-device sync per node on a GPU)."""
+    out = inputs[0].mul_(w[0]) if into_first else inputs[0] * w[0]
     for z, wi in zip(inputs[1:], w[1:]):
         out.addcmul_(z, wi)
     return out

@@ -11,6 +11,11 @@ One setting, ``execution`` (``GraphStage``, every RandWire model, ``MODEL.RWDET.
 - ``"fused"``: the whole stage as one autograd op (``rwdet.nn.fused``) that keeps one tensor per
   node. Only a stage of plain sepconv nodes (``nn.Conv2d`` + ``nn.BatchNorm2d`` in training
   mode, or detectron2's ``FrozenBatchNorm2d``) can run it.
+- ``"rebuild"``: the fused op keeping only the stage input: backward first reruns the stage's
+  forward to get the tensors ``fused`` keeps (every conv of the stage runs twice). The least
+  memory: nothing of the stage is alive between its forward and its backward, so the stages'
+  saved tensors no longer add up at the end of the forward (detection:
+  ``MODEL.RWDET.REBUILD_STAGES``). The stages ``fused`` can run, no others.
 - ``"auto"`` (default): ``fused`` where the stage can run it, else ``reference``.
 
 The setting governs *training steps* only: a training-mode forward, with gradients enabled,
@@ -24,10 +29,11 @@ BatchNorm. Tracers — ``torch.compile``, ``torch.jit.trace``/``script``
 (fvcore's FLOP count), ONNX export — always get the node path: they cannot record a Python
 autograd op.
 
-An explicit ``fused`` that a stage cannot run raises a ``ValueError`` naming the stage, the
-reason and the fix: at construction when the reason is already known then (node op, layer
-types, norm type), otherwise at its first training step (e.g. a BatchNorm switched to eval mode
-while the stage trains, or BatchNorms converted to ``SyncBatchNorm`` after construction).
+An explicit ``fused`` or ``rebuild`` that a stage cannot run raises a ``ValueError`` naming
+the stage, the reason and the fix: at construction when the reason is already known then (node
+op, layer types, norm type; or by ``set_execution``), otherwise at its first training step
+(e.g. a BatchNorm switched to eval mode while the stage trains, or BatchNorms converted to
+``SyncBatchNorm`` after construction).
 ``recompute`` applies to every stage and never raises.
 
 The choice is logged once per model (logger ``"rwdet.nn.execution"``) at its first training
@@ -47,10 +53,15 @@ from rwdet.nn.fused import unfusable_reason
 
 log = logging.getLogger(__name__)  # under "rwdet", as every rwdet module logs
 
-EXECUTIONS = ("auto", "reference", "recompute", "fused")
-REFERENCE, RECOMPUTE, FUSED = "reference", "recompute", "fused"
+EXECUTIONS = ("auto", "reference", "recompute", "fused", "rebuild")
+REFERENCE, RECOMPUTE, FUSED, REBUILD = "reference", "recompute", "fused", "rebuild"
+# The executions that run the fused op, and refuse a stage it cannot compute.
+FUSED_OP = (FUSED, REBUILD)
 # Not a training step: node by node, as the reference (nothing saved without gradients).
 INFERENCE = "inference"
+# An INFERENCE forward that autograd does not record at all and no tracer watches
+# (``GraphStage._unrecorded``): ReLUs in place where safe, channels_last on CPU.
+UNRECORDED = "unrecorded"
 
 # Bumped whenever a stage's training-step path (or its reason) changes, so a model can tell in
 # O(1) per forward that there is nothing new to log.
@@ -86,14 +97,14 @@ def _old_meaning(fused, recompute) -> str:
 def choose(execution: str, *, training: bool, grad: bool, tracing: bool, obstacle) -> str:
     """The decision table. ``grad``: gradients are enabled and something in the stage needs
     one; ``obstacle``: why the fused op cannot run the stage (None when it can). Returns the
-    path; an explicit ``fused`` with an obstacle raises ``ImpossibleExecution``."""
+    path; an explicit ``fused``/``rebuild`` with an obstacle raises ``ImpossibleExecution``."""
     if tracing or not (training and grad):
         return INFERENCE
     if execution in (REFERENCE, RECOMPUTE):
         return execution
     if obstacle is None:
-        return FUSED
-    if execution == FUSED:
+        return REBUILD if execution == REBUILD else FUSED
+    if execution in FUSED_OP:
         raise ImpossibleExecution(obstacle)
     return REFERENCE
 
@@ -113,7 +124,7 @@ def fused_obstacle(nodes) -> str | None:
 
 def impossible(stage, reason: str) -> ValueError:
     return ValueError(
-        f"{stage_label(stage)}: execution='fused' cannot run it: {reason}; use "
+        f"{stage_label(stage)}: execution={stage.execution!r} cannot run it: {reason}; use "
         "execution='auto' (fused where possible, else node by node), 'reference' or 'recompute'"
     )
 
@@ -132,7 +143,7 @@ def stage_path(stage, x: torch.Tensor) -> str:
     step = training and grad and not tracing
     # The node ops are checked on every training step, not only at construction: BatchNorms
     # can be switched to eval mode or converted to SyncBatchNorm later.
-    wants_fused = stage.execution in ("auto", FUSED)
+    wants_fused = stage.execution in ("auto", *FUSED_OP)
     obstacle = fused_obstacle(stage.nodes) if step and wants_fused else None
     try:
         path = choose(
@@ -146,6 +157,30 @@ def stage_path(stage, x: torch.Tensor) -> str:
             why = "nothing in it needs a gradient"
         _note(stage, (path, why))
     return path
+
+
+def set_execution(model: nn.Module, execution: str, stages=None) -> None:
+    """Set ``execution`` on ``model``'s graph stages named in ``stages`` (``GraphStage.name``,
+    e.g. ``["conv3"]``; None: every stage). A name that is not one of the model's graph stages,
+    or a fused-op execution a named stage cannot run, is a ``ValueError`` naming the fix."""
+    from rwdet.nn.stage import GraphStage
+
+    check_execution(execution)
+    found = {m.name: m for m in model.modules() if isinstance(m, GraphStage)}
+    names = list(found) if stages is None else list(stages)
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise ValueError(
+            f"stages {unknown} are not graph stages of this model; its graph stages are "
+            f"{list(found)}"
+        )
+    for name in names:
+        stage = found[name]
+        obstacle = fused_obstacle(stage.nodes) if execution in FUSED_OP else None
+        if obstacle is not None:
+            stage.execution = execution  # named in the message
+            raise impossible(stage, obstacle)
+        stage.execution = execution
 
 
 def _note(stage, decision) -> None:

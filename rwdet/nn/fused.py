@@ -4,8 +4,10 @@ Autograd run node by node keeps four activations per RandWire node (ReLU output,
 output, pointwise output, BN output). Backward needs less:
 
 - BN backward needs its input ``C_v`` (the pointwise output) and the batch statistics: kept.
-- The node output ``Z_v = BN(C_v)`` is one per-channel multiply-add of ``C_v``: rebuilt when a
-  child's backward needs it (then cached until the parent's last child is done).
+- The node output ``Z_v = BN(C_v)`` is one per-channel multiply-add of ``C_v``: rebuilt each
+  time a child's backward needs it, and dropped after. (Cached from a parent's last child to
+  its first, the rebuilt outputs held up to half of C=109's stage at once, 15 of 32 node
+  tensors, on top of the gradients; that was the detector's peak under ``rebuild`` below.)
 - The aggregation ``I_v = sum g_u Z_u``, its ReLU and the 3x3 depthwise conv are cheap (a few
   memory passes and 9 MACs per element, against the pointwise conv's ``C`` MACs per element):
   recomputed in the node's backward. The pointwise conv, the expensive part, never runs twice.
@@ -61,8 +63,8 @@ class StagePlan:
     bn_factor: list[float]  # running-stat update factor of each node's BN this step
     running: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # (mean, var) per node
     unit_edges: frozenset[int]  # edges whose gate is identically 1
-    first_use: dict[int, int]  # parent -> smallest child: the last to need Z_u in backward
     frozen: list[bool]  # per node: FrozenBatchNorm2d (params hold its scale, shift), else BN
+    rebuild: bool = False  # keep no C_v: backward reruns the forward first (execution "rebuild")
 
 
 def is_frozen_bn(module: nn.Module) -> bool:
@@ -133,31 +135,29 @@ def _like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(param).copy_(grad)
 
 
-def _run_nodes(plan: StagePlan, x, gates, bn):
-    """The stage's forward, computed by the stage itself: ``GraphStage.aggregate`` (the one
-    aggregation) and each node op's own layers in its order (ReLU -> depthwise -> pointwise),
+def _run_nodes(plan: StagePlan, x, gates, bn, keep_c: bool = True):
+    """The stage's forward, computed by the stage itself: ``GraphStage.relu_input`` (the one
+    aggregation, then ReLU) and each node op's own layers in its order (depthwise -> pointwise),
     ending at ``C_v``; ``bn(v, C_v)`` then gives ``Z_v`` and keeps the batch statistics that
     ``nn.BatchNorm2d`` does not return. Returns every ``C_v`` and ``GraphStage.sink_mean``.
 
-    The ReLU runs in place on an aggregation the op made itself (the same function as the
-    op's ``nn.ReLU``, one temporary less), out of place on a borrowed tensor (the stage input, or
-    a unit edge's parent output, which ``aggregate`` hands over as is).
+    ``relu_input`` works in place wherever nothing else reads: autograd records nothing
+    inside the op's forward.
     """
     stage = plan.stage
     outs: dict[int, torch.Tensor] = {}
+    shared: dict[str, torch.Tensor] = {}
     keep = []
     for v, op in enumerate(stage.nodes):
-        relu, dw, pw, _ = op
-        i = stage.aggregate(v, x, outs, gates)
-        borrowed = i is x or any(i is z for z in outs.values())
-        a = relu(i) if borrowed else i.relu_()
-        del i
+        _, dw, pw, _ = op
+        a = stage.relu_input(v, x, outs, gates, shared)
         b = dw(a)
         del a
         c = pw(b)
         del b
-        keep.append(c)
+        keep.append(c if keep_c else c.dtype)
         outs[v] = bn(v, c)
+        del c
         for u in stage.release_after[v]:
             del outs[u]
     return keep, stage.sink_mean(outs)
@@ -182,10 +182,12 @@ class SepConvStage(torch.autograd.Function):
             stats.extend((mean, invstd))
             return z
 
-        keep, out = _run_nodes(plan, x, gates.detach(), bn)
+        keep, out = _run_nodes(plan, x, gates.detach(), bn, keep_c=not plan.rebuild)
         dev = x.device.type
         ctx.plan = plan
-        ctx.conv_dtypes = [c.dtype for c in keep]
+        ctx.conv_dtypes = [c if isinstance(c, torch.dtype) else c.dtype for c in keep]
+        if plan.rebuild:  # backward reruns the forward for them (as for a second backward)
+            keep = None
         # A second backward reruns the forward outside the caller's autocast: re-entered then.
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, gates, *params, *stats)
@@ -211,16 +213,10 @@ class SepConvStage(torch.autograd.Function):
                 return _frozen_apply(c, bw, bb)
             return _bn_apply(c, stats[2 * v], stats[2 * v + 1], bw, bb)
 
-        if keep is None:  # a second backward (retain_graph=True): rebuild C from the input
+        if keep is None:  # "rebuild", or a second backward (retain_graph): C from the input
             dev, enabled, dtype = ctx.autocast
             with torch.autocast(dev, dtype=dtype, enabled=enabled):
                 keep, _ = _run_nodes(plan, x, gates.detach(), z_from)
-        cache: dict[int, torch.Tensor] = {}
-
-        def z_of(u):
-            if u not in cache:
-                cache[u] = z_from(u, keep[u])
-            return cache[u]
 
         # grads[v] = (tensor, owned): owned buffers are accumulated in place; the sinks share
         # one (read-only) tensor until something is added to it.
@@ -244,7 +240,7 @@ class SepConvStage(torch.autograd.Function):
             dw, pw, bw, bb = params[4 * v : 4 * v + 4]
             ins = plan.in_edges[v]
             # Recompute the node's input side: aggregation (the stage's own), ReLU, depthwise.
-            parents = [z_of(u) for _, u in ins]
+            parents = [z_from(u, keep[u]) for _, u in ins]
             i = plan.stage.aggregate(v, x, {u: z for (_, u), z in zip(ins, parents)}, gates)
             a = F.relu(i) if i is x or any(i is z for z in parents) else i.relu_()
             del i
@@ -303,16 +299,14 @@ class SepConvStage(torch.autograd.Function):
                     grad_gates[e] = _dot(grad_i, z).to(gates.dtype)
                 add_grad(u, grad_i, g[e].to(grad_i.dtype))
             del parents, grad_i
-            for _, u in ins:
-                if plan.first_use[u] == v:
-                    cache.pop(u, None)
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         return (None, grad_x, grad_gates, *grad_params)
 
 
-def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Run ``stage`` (a ``GraphStage`` whose nodes are all ``fusable``) through the fused op."""
+def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor, rebuild: bool = False):
+    """Run ``stage`` (a ``GraphStage`` whose nodes are all ``fusable``) through the fused op;
+    ``rebuild``: keep no ``C_v`` between forward and backward (execution ``"rebuild"``)."""
     params, eps, factor, running, frozen = [], [], [], [], []
     for op in stage.nodes:
         _, dw, pw, bn = op
@@ -335,7 +329,7 @@ def fused_stage(stage, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         factor,
         running,
         stage.gates.unit_edges,
-        stage.first_use,
         frozen,
+        rebuild,
     )
     return SepConvStage.apply(plan, x, gates, *params)

@@ -71,6 +71,11 @@ NODE_OPS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# The node op classes: all nn.Sequential starting with nn.ReLU, whose last layer (a conv, or a
+# norm after one) gives a fresh tensor; ``GraphStage`` relies on both without autograd.
+NODE_OP_TYPES = (SepConvOp, ConvOp, PoolConvOp)
+
+
 def build_node_op(name, cin, cout, stride, conv_layer=nn.Conv2d, norm_layer=nn.BatchNorm2d):
     if name not in NODE_OPS:
         raise ValueError(f"node_op={name!r} is not known; choose one of {sorted(NODE_OPS)}")

@@ -6,14 +6,20 @@ module (``rwdet.nn.gates``) and in the conv/norm layer factories handed to the n
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec
-from rwdet.nn.aggregate import exporting, weighted_sum
+from rwdet.nn.aggregate import accumulate, exporting, weighted_sum
 from rwdet.nn.execution import (
     FUSED,
+    FUSED_OP,
+    INFERENCE,
+    REBUILD,
     RECOMPUTE,
+    UNRECORDED,
     check_execution,
     fused_obstacle,
     impossible,
@@ -22,7 +28,7 @@ from rwdet.nn.execution import (
 )
 from rwdet.nn.fused import fused_stage
 from rwdet.nn.gates import EdgeGates, StaticGates
-from rwdet.nn.node_ops import build_node_op
+from rwdet.nn.node_ops import NODE_OP_TYPES, build_node_op
 from rwdet.nn.recompute import checkpointed
 
 
@@ -40,7 +46,8 @@ class GraphStage(nn.Module):
     - How a training step runs is ``execution`` (``rwdet.nn.execution``, which chooses and
       logs): ``"reference"`` node by node with plain autograd (the definition),
       ``"recompute"`` each node checkpointed, ``"fused"`` one autograd op keeping one tensor
-      per node (plain sepconv stages only; ``rwdet.nn.fused``), ``"auto"`` (default) fused
+      per node (plain sepconv stages only; ``rwdet.nn.fused``), ``"rebuild"`` the fused op
+      keeping only the stage input (backward reruns the forward), ``"auto"`` (default) fused
       where possible, else reference. Every path computes through ``aggregate``, the node
       ops and ``sink_mean`` below. ``name`` labels the stage in errors and logs.
     - On CPU the fused op and forwards without gradients compute in channels_last and return
@@ -94,10 +101,6 @@ class GraphStage(nn.Module):
         self.release_after: list[list[int]] = [[] for _ in range(n)]
         for u, v in self.last_use.items():
             self.release_after[v].append(u)
-        # first_use[u] = u's smallest-index child: the last to read Z_u in a (reverse) backward.
-        self.first_use: dict[int, int] = {}
-        for u, v in edges:
-            self.first_use[u] = min(self.first_use.get(u, v), v)
         self.nodes = nn.ModuleList(
             build_node_op(
                 node_op,
@@ -118,7 +121,7 @@ class GraphStage(nn.Module):
         for v in range(n):
             starts.append(starts[-1] + len(self.in_edges[v]))
         self.slices = list(zip(starts[:-1], starts[1:]))
-        if execution == FUSED:  # what is already known now is refused now
+        if execution in FUSED_OP:  # what is already known now is refused now
             obstacle = fused_obstacle(self.nodes)
             if obstacle is not None:
                 raise impossible(self, obstacle)
@@ -142,40 +145,92 @@ class GraphStage(nn.Module):
             return outs[ins[0][1]]
         return weighted_sum(gates.index_select(0, index), [outs[u] for _, u in ins])
 
+    def relu_input(self, v: int, x: torch.Tensor, outs: dict, gates: torch.Tensor, shared: dict):
+        """``ReLU(I_v)``, where every node op starts, for a forward that autograd does not
+        record (inference, the fused op's forward). The same numbers as
+        ``ReLU(aggregate(v, ...))`` with fewer memory passes and allocations: the ReLU runs in
+        place on the aggregation's own buffer; the first parent's output is aggregated into (or
+        ReLU'd) in place when this node is its last reader; and the stage input's ReLU is
+        computed once for all sources (kept in ``shared`` until the last source has run).
+        In C=109's folded inference the per-node out-of-place ReLU was 13% of the time."""
+        ins = self.in_edges[v]
+        if not ins:
+            a = shared.pop("relu_x", None)
+            if a is None:
+                a = torch.relu(x)
+            if v != self.sources[-1]:
+                shared["relu_x"] = a
+            return a
+        first = outs[ins[0][1]]
+        own = self.last_use.get(ins[0][1]) == v  # nothing reads Z_first after this node
+        if len(ins) == 1 and ins[0][0] in self.gates.unit_edges:
+            return first.relu_() if own else torch.relu(first)
+        w = gates.index_select(0, self.in_edge_index[slice(*self.slices[v])])
+        parents = [first] + [outs[u] for _, u in ins[1:]]
+        return accumulate(parents, w.detach().to(first.dtype).unbind(), into_first=own).relu_()
+
     def run_node(self, v: int, x: torch.Tensor, gates: torch.Tensor, *parents: torch.Tensor):
         outs = dict(zip((u for _, u in self.in_edges[v]), parents))
         return self.nodes[v](self.aggregate(v, x, outs, gates))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On CPU the fused op and forwards without gradients (inference) compute in
-        # channels_last whatever the input's layout, and hand that layout back: oneDNN runs 3x3
-        # depthwise and 1x1 convs on few channels much faster in NHWC (C=109, batch 16, NCHW
-        # model: fused training step -16 to -20%, inference -21%; docs/performance.md).
-        # Node-by-node training keeps the caller's layout: there autograd would give NCHW
-        # weights gradients with other strides, which DDP's gradient buckets reject (a
-        # warning, a copy each step). CUDA keeps the layout.
-        # A stage with nothing to differentiate (FREEZE_AT's frozen stages) saves nothing for
-        # backward either way; the node path keeps FrozenBN's own no-gradient kernel there.
+        # On CPU the fused op and forwards autograd does not record (inference, FREEZE_AT's
+        # frozen stages) compute in channels_last whatever the input's layout, and hand that
+        # layout back: oneDNN runs 3x3 depthwise and 1x1 convs on few channels much faster in
+        # NHWC (C=109, batch 16, NCHW model: fused training step -16 to -20%, inference -21%;
+        # docs/performance.md). Node-by-node training keeps the caller's layout: there autograd
+        # would give NCHW weights gradients with other strides, which DDP's gradient buckets
+        # reject (a warning, a copy each step). CUDA keeps the layout.
         path = stage_path(self, x)
+        if path == INFERENCE and self._unrecorded(x):
+            path = UNRECORDED  # nothing saved for backward: ReLUs in place where safe
         cl = torch.channels_last
         if (
-            (path == FUSED or not torch.is_grad_enabled())
+            path in (FUSED, REBUILD, UNRECORDED)
             and x.device.type == "cpu"
-            and not exporting()
             and not x.is_contiguous(memory_format=cl)
         ):
             return self._forward(x.contiguous(memory_format=cl), path).contiguous()
         return self._forward(x, path)
 
+    def _unrecorded(self, x: torch.Tensor) -> bool:
+        """Autograd records nothing in this forward (no_grad/inference_mode, or nothing here
+        needs a gradient: detection's frozen stages) and no tracer is watching."""
+        if exporting() or torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def _forward(self, x: torch.Tensor, path: str) -> torch.Tensor:
         gates = self.gates()
-        if path == FUSED:
-            return fused_stage(self, x, gates)
+        if path in FUSED_OP:
+            return fused_stage(self, x, gates, rebuild=path == REBUILD)
+        if path == UNRECORDED:
+            return self._forward_unrecorded(x, gates)
         outs: dict[int, torch.Tensor] = {}
         for v, node in enumerate(self.nodes):
             if path == RECOMPUTE:
                 parents = [outs[u] for _, u in self.in_edges[v]]
                 outs[v] = checkpointed(self.run_node, v, x, gates, *parents, module=node)
+            else:
+                outs[v] = node(self.aggregate(v, x, outs, gates))
+            for u in self.release_after[v]:
+                del outs[u]
+        return self.sink_mean(outs)
+
+    def _forward_unrecorded(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Node by node like the reference, with each node's ReLU input from ``relu_input``
+        (in place where nothing else reads). A node op with hooks, or not one of rwdet's own
+        ReLU-first ops, runs whole on ``aggregate``'s output instead."""
+        outs: dict[int, torch.Tensor] = {}
+        shared: dict[str, torch.Tensor] = {}
+        for v, node in enumerate(self.nodes):
+            if _relu_first(node):
+                h = self.relu_input(v, x, outs, gates, shared)
+                for layer in islice(node, 1, None):
+                    h = layer(h)
+                outs[v] = h
             else:
                 outs[v] = node(self.aggregate(v, x, outs, gates))
             for u in self.release_after[v]:
@@ -195,3 +250,18 @@ class GraphStage(nn.Module):
         for s in sinks[2:]:
             out.add_(outs[s])
         return out.div_(len(sinks))
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _relu_first(node: nn.Module) -> bool:
+    """One of rwdet's node ops (ReLU first; the rest ends in a conv or norm, so its output
+    never aliases its input) with no hooks that skipping its ``forward`` would bypass."""
+    return (
+        type(node) in NODE_OP_TYPES
+        and type(node[0]) is nn.ReLU
+        and not _hooked(node)
+        and not _hooked(node[0])
+    )

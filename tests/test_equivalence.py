@@ -460,7 +460,8 @@ def test_fused_forward_relus_in_place_where_safe():
 
 
 def test_unrecorded_forward_runs_hooked_node_ops_whole():
-    """A node op with a hook runs through its own ``forward`` (the hook sees the aggregation)."""
+    """A node op with a hook runs through its own ``forward`` (the hook sees the aggregation),
+    and a hook anywhere in the nodes keeps every node output as the hook saw it."""
     stage = _eval_stage("ws", {"k": 4, "p": 0.75})
     x = torch.randn(2, 3, 8, 8)
     seen = []
@@ -470,3 +471,10 @@ def test_unrecorded_forward_runs_hooked_node_ops_whole():
     assert len(seen) == 1 and seen[0] < 0  # the node's input before its own ReLU
     with torch.enable_grad():
         torch.testing.assert_close(y, stage(x).detach())
+    kept = {}
+    for v, node in enumerate(stage.nodes):  # on the last layer: its output is the node's
+        node[3].register_forward_hook(lambda m, i, o, v=v: kept.update({v: (o, o.clone())}))
+    with torch.no_grad():
+        stage(x)
+    assert len(kept) == stage.spec.n
+    assert all(torch.equal(o, copy) for o, copy in kept.values())

@@ -273,6 +273,25 @@ def test_set_execution_names_stages_and_refuses_what_they_cannot_run():
     with pytest.raises(ValueError, match="stage 'conv3': execution='rebuild' cannot run it: "
                        "node 0 has PopupConv2d"):  # fmt: skip
         set_execution(popup, "rebuild", ["conv3"])
+    # All or nothing: a stage that cannot run it leaves every stage as it was.
+    mixed = build_model("randwire_small", **kw)
+    mixed.conv5.nodes[0][3] = torch.nn.SyncBatchNorm(mixed.conv5.nodes[0][3].num_features)
+    with pytest.raises(ValueError, match="stage 'conv5'"):
+        set_execution(mixed, "rebuild", ["conv4", "conv5"])
+    assert {s.execution for s in _stages(mixed)} == {"auto"}
+    with pytest.raises(ValueError, match=r"stages='conv3': pass a list of stage names"):
+        set_execution(model, "rebuild", "conv3")
+
+
+def test_set_execution_reaches_stages_without_names_and_refuses_ambiguous_ones():
+    spec = GraphSpec.generate("ws", 6, 1, k=2, p=0.5)
+    model = torch.nn.Sequential(GraphStage(spec, 2, 3), GraphStage(spec, 3, 3))  # both named ""
+    from rwdet.nn import set_execution
+
+    set_execution(model, "rebuild")
+    assert [s.execution for s in model] == ["rebuild", "rebuild"]
+    with pytest.raises(ValueError, match=r"stages \[''\] name more than one graph stage"):
+        set_execution(model, "reference", [""])
 
 
 def test_detection_config_names_the_stages_to_rebuild():
@@ -291,5 +310,5 @@ def test_detection_config_names_the_stages_to_rebuild():
                        "not graph stages"):  # fmt: skip
         backbone("MODEL.RWDET.REBUILD_STAGES", ["res3"])
     with pytest.raises(ValueError, match="execution='rebuild' cannot run it: node 0 ends in "
-                       "SyncBatchNorm"):  # fmt: skip
+                       "SyncBatchNorm.*; remove it from MODEL.RWDET.REBUILD_STAGES"):  # fmt: skip
         backbone("MODEL.RWDET.REBUILD_STAGES", ["conv3"], "MODEL.RWDET.NORM", "SyncBN")

@@ -94,5 +94,11 @@ def test_same_outputs_and_gradients_and_the_padding_stays_zero_while_training(ex
 def test_what_cannot_be_padded_exactly_is_refused():
     with pytest.raises(ValueError, match=r"is a PopupConv2d, which it cannot pad exactly"):
         pad_channels(build_model("randwire_small", wiring="popup", **KW))
+    from detectron2.layers import FrozenBatchNorm2d  # its state is all buffers
+
+    frozen = build_model("randwire_small", **KW)
+    frozen.conv3.nodes[0][3] = FrozenBatchNorm2d(frozen.conv3.nodes[0][3].num_features)
+    with pytest.raises(ValueError, match=r"conv3.nodes.0.3 is a FrozenBatchNorm2d"):
+        pad_channels(frozen)
     with pytest.raises(ValueError, match=r"multiple=0; pass a positive integer"):
         pad_channels(build_model("randwire_small", **KW), 0)

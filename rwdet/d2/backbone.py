@@ -175,7 +175,12 @@ def build_rwdet_bottom_up(cfg, spec: BackboneSpec | None = None) -> RwdetBackbon
         model = convert_norm(build(), norm, spec.name)
     if cfg.MODEL.RWDET.REBUILD_STAGES:
         try:
-            set_execution(model, "rebuild", cfg.MODEL.RWDET.REBUILD_STAGES)
+            set_execution(
+                model,
+                "rebuild",
+                list(cfg.MODEL.RWDET.REBUILD_STAGES),
+                fix='remove it from MODEL.RWDET.REBUILD_STAGES ("[]" for none)',
+            )
         except ValueError as e:
             raise ValueError(f"MODEL.RWDET.REBUILD_STAGES: {e}") from None
     # What a checkpoint needs to rebuild this backbone exactly.

@@ -64,7 +64,8 @@ def add_rwdet_config(cfg: CN) -> None:
     # Graph stages (by name, e.g. ["conv3", "conv4"]) that keep nothing between forward and
     # backward and rerun their forward in backward (execution "rebuild"): the saved tensors of
     # the stages no longer add up at the end of the forward, for one more forward of each
-    # named stage (docs/performance.md measures it). Empty: EXECUTION for every stage.
+    # named stage (docs/performance.md measures it). The named stages run "rebuild" whatever
+    # EXECUTION says; EXECUTION applies to the others. Empty: EXECUTION for every stage.
     _C.MODEL.RWDET.REBUILD_STAGES = []
     # Edge drop probability while fine-tuning (RandWire regular-regime regulariser). The paper
     # does not say it is used for detection; 0 disables it.

@@ -122,11 +122,17 @@ def fused_obstacle(nodes) -> str | None:
     return None
 
 
-def impossible(stage, reason: str) -> ValueError:
-    return ValueError(
-        f"{stage_label(stage)}: execution={stage.execution!r} cannot run it: {reason}; use "
-        "execution='auto' (fused where possible, else node by node), 'reference' or 'recompute'"
-    )
+OTHER_EXECUTIONS = (
+    "use execution='auto' (fused where possible, else node by node), 'reference' or 'recompute'"
+)
+
+
+def impossible(stage, reason: str, execution: str | None = None, fix: str = OTHER_EXECUTIONS):
+    """The one-line ``ValueError`` for a fused-op ``execution`` (default: the stage's own) that
+    ``stage`` cannot run."""
+    execution = stage.execution if execution is None else execution
+    label = stage_label(stage)
+    return ValueError(f"{label}: execution={execution!r} cannot run it: {reason}; {fix}")
 
 
 def stage_label(stage) -> str:
@@ -159,27 +165,39 @@ def stage_path(stage, x: torch.Tensor) -> str:
     return path
 
 
-def set_execution(model: nn.Module, execution: str, stages=None) -> None:
-    """Set ``execution`` on ``model``'s graph stages named in ``stages`` (``GraphStage.name``,
-    e.g. ``["conv3"]``; None: every stage). A name that is not one of the model's graph stages,
-    or a fused-op execution a named stage cannot run, is a ``ValueError`` naming the fix."""
+def set_execution(model: nn.Module, execution: str, stages=None, fix: str = OTHER_EXECUTIONS):
+    """Set ``execution`` on the graph stages of ``model`` named in ``stages`` (a list of
+    ``GraphStage.name``, e.g. ``["conv3"]``; None: every graph stage). All or nothing: a name
+    that is not exactly one of the model's graph stages, or a fused-op execution a named stage
+    cannot run, is a ``ValueError`` (ending in ``fix`` for the latter) and changes no stage."""
     from rwdet.nn.stage import GraphStage
 
     check_execution(execution)
-    found = {m.name: m for m in model.modules() if isinstance(m, GraphStage)}
-    names = list(found) if stages is None else list(stages)
-    unknown = [n for n in names if n not in found]
-    if unknown:
-        raise ValueError(
-            f"stages {unknown} are not graph stages of this model; its graph stages are "
-            f"{list(found)}"
-        )
-    for name in names:
-        stage = found[name]
-        obstacle = fused_obstacle(stage.nodes) if execution in FUSED_OP else None
-        if obstacle is not None:
-            stage.execution = execution  # named in the message
-            raise impossible(stage, obstacle)
+    found = [m for m in model.modules() if isinstance(m, GraphStage)]
+    if stages is None:
+        chosen = found
+    else:
+        if isinstance(stages, str) or not all(isinstance(n, str) for n in stages):
+            raise ValueError(f"stages={stages!r}: pass a list of stage names, e.g. ['conv3']")
+        names = [m.name for m in found]
+        unknown = [n for n in stages if n not in names]
+        if unknown:
+            raise ValueError(
+                f"stages {unknown} are not graph stages of this model; its graph stages are {names}"
+            )
+        repeated = sorted({n for n in stages if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"stages {repeated} name more than one graph stage of this model; pass "
+                "stages=None to set every stage"
+            )
+        chosen = [m for m in found if m.name in stages]
+    if execution in FUSED_OP:
+        for stage in chosen:
+            obstacle = fused_obstacle(stage.nodes)
+            if obstacle is not None:
+                raise impossible(stage, obstacle, execution, fix)
+    for stage in chosen:
         stage.execution = execution
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from rwdet.nn.gates import EdgeGates
+from rwdet.nn.stage import GraphStage
 
 
 def _up(c: int, multiple: int) -> int:
@@ -38,8 +39,8 @@ def _up(c: int, multiple: int) -> int:
 def _refuse_unknown(model: nn.Module) -> None:
     plain = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
     for name, m in model.named_modules():
-        own = list(m.parameters(recurse=False))
-        if isinstance(m, EdgeGates):  # one weight per edge, whatever the channel count
+        own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]  # FrozenBN: buffers
+        if isinstance(m, (EdgeGates, GraphStage)):  # per edge, whatever the channel count
             continue
         if own and type(m) not in plain:
             raise ValueError(

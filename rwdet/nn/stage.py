@@ -221,12 +221,14 @@ class GraphStage(nn.Module):
 
     def _forward_unrecorded(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Node by node like the reference, with each node's ReLU input from ``relu_input``
-        (in place where nothing else reads). A node op with hooks, or not one of rwdet's own
-        ReLU-first ops, runs whole on ``aggregate``'s output instead."""
+        (in place where nothing else reads). A node op that is not one of rwdet's own ReLU-first
+        ops runs whole on ``aggregate``'s output instead, and so does every node when a hook
+        could keep a node's output, which ``relu_input`` may later write into."""
         outs: dict[int, torch.Tensor] = {}
         shared: dict[str, torch.Tensor] = {}
+        in_place = not _any_hook(self.nodes)
         for v, node in enumerate(self.nodes):
-            if _relu_first(node):
+            if in_place and _relu_first(node):
                 h = self.relu_input(v, x, outs, gates, shared)
                 for layer in islice(node, 1, None):
                     h = layer(h)
@@ -252,16 +254,17 @@ class GraphStage(nn.Module):
         return out.div_(len(sinks))
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+def _any_hook(nodes: nn.Module) -> bool:
+    """A forward hook on any node op or layer in it, or a global one: it could keep a tensor
+    (or expect the node op's own ``forward``) that the in-place path would change."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in nodes.modules())
 
 
 def _relu_first(node: nn.Module) -> bool:
-    """One of rwdet's node ops (ReLU first; the rest ends in a conv or norm, so its output
-    never aliases its input) with no hooks that skipping its ``forward`` would bypass."""
-    return (
-        type(node) in NODE_OP_TYPES
-        and type(node[0]) is nn.ReLU
-        and not _hooked(node)
-        and not _hooked(node[0])
-    )
+    """One of rwdet's node ops: ReLU first, and the rest ends in a conv or norm, so its output
+    never aliases its input."""
+    return type(node) in NODE_OP_TYPES and type(node[0]) is nn.ReLU

@@ -354,3 +354,157 @@ def test_traced_aggregation_rounds_the_gates_as_eager_does():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         z = [torch.randn(2, 4, 5, 5).to(dtype) for _ in range(3)]
         assert torch.equal(plain_weighted_sum(w, z), WeightedSum.apply(w, *z))
+
+
+# ------------------------------------------------- supermask (Zhou et al.): sample, then decide
+
+
+def test_supermask_mask_samples_in_training_and_decides_in_eval():
+    from rwdet.nn.choose import supermask_mask
+
+    scores = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0], requires_grad=True)
+    torch.manual_seed(0)
+    draws = torch.stack([supermask_mask(scores, training=True) for _ in range(400)])
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    freq = draws.mean(0)  # P(1) = sigmoid(score)
+    torch.testing.assert_close(freq, torch.sigmoid(scores.detach()), atol=0.08, rtol=0)
+    supermask_mask(scores, training=True).sum().backward()  # straight through: d/ds of p
+    torch.testing.assert_close(scores.grad, torch.sigmoid(scores) * (1 - torch.sigmoid(scores)))
+    s = scores.detach()
+    # eval, default "threshold": exactly s > 0 (a score of 0 is sigmoid 0.5: not kept), float
+    for mask in (supermask_mask(s, training=False), supermask_mask(s, False, "threshold")):
+        assert mask.dtype == s.dtype and mask.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    torch.testing.assert_close(supermask_mask(s, False, "expected"), torch.sigmoid(s))
+    torch.manual_seed(1)
+    sampled = torch.stack([supermask_mask(s, False, "sample") for _ in range(400)])
+    assert set(sampled.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(sampled.mean(0), torch.sigmoid(s), atol=0.08, rtol=0)
+    with pytest.raises(ValueError, match=r"eval_mask='mean' is not known; choose one of"):
+        supermask_mask(s, False, "mean")
+
+
+# ------------------------------------------------- wiring factories and old keywords
+
+
+def test_wiring_factories_refuse_edge_drop_and_pass_their_options():
+    from rwdet.nn import get_wiring
+
+    spec = GraphSpec.generate("ws", 8, 1, k=4, p=0.5)
+    for name in ("dnw", "popup"):
+        with pytest.raises(ValueError, match=rf"not defined for wiring='{name}'; pass edge_drop=0"):
+            get_wiring(name).make_gates(spec, 0.1)
+    gates = get_wiring("dnw", init="generator").make_gates(spec, 0.0)
+    assert gates.init == "generator"
+    with pytest.raises(Exception, match=r"^PopupGates: k=0.5 is no longer the fraction kept"):
+        PopupGates(spec, k=0.5)
+
+
+def test_stage_refuses_old_keywords_and_keeps_its_name():
+    spec = GraphSpec.generate("ws", 6, 1, k=2, p=0.5)
+    assert (
+        GraphStage(spec, 2, 3).name == "" and GraphStage(spec, 2, 3, name="conv3").name == "conv3"
+    )
+    for key in ("fused", "recompute"):
+        with pytest.raises(TypeError, match=rf"^{key}=True: the keyword is now execution="):
+            GraphStage(spec, 2, 3, **{key: True})
+    with pytest.raises(ValueError, match=r"^GraphStage\(6 nodes, 2->3 channels\): execution="):
+        GraphStage(spec, 2, 3, node_op="conv", execution="fused")  # refused when built
+
+
+# ------------------------------------------------- forwards autograd does not record
+
+
+def test_accumulate_into_first_writes_the_first_input():
+    from rwdet.nn.aggregate import accumulate
+
+    z = [torch.randn(2, 3, 4, 4) for _ in range(3)]
+    w = torch.tensor([0.5, 2.0, -1.0]).unbind()
+    expected = z[0] * w[0] + z[1] * w[1] + z[2] * w[2]
+    fresh = accumulate([t.clone() for t in z], w)
+    first = z[0].clone()
+    reused = accumulate([first, z[1], z[2]], w, into_first=True)
+    assert reused.data_ptr() == first.data_ptr() and fresh.data_ptr() != z[0].data_ptr()
+    torch.testing.assert_close(reused, expected), torch.testing.assert_close(fresh, expected)
+
+
+def test_unrecorded_forward_aggregates_into_parents_at_their_last_use():
+    from test_equivalence import _OpCounter
+
+    torch.manual_seed(0)
+    stage = GraphStage(GraphSpec.generate("ws", 12, 3, k=4, p=0.75), 3, 6, stride=2).eval()
+    multi = [v for v in range(12) if len(stage.in_edges[v]) > 1]
+    reuse = [v for v in multi if stage.last_use.get(stage.in_edges[v][0][1]) == v]
+    assert reuse and len(reuse) < len(multi)  # both kinds occur: a real test
+    counter = _OpCounter()
+    with counter, torch.no_grad():
+        stage(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
+    assert counter.calls.count("mul_.Tensor") == len(reuse)
+    assert counter.calls.count("mul.Tensor") == len(multi) - len(reuse)
+
+
+def test_traced_stage_is_not_computed_in_place_or_relaid():
+    """Tracers (fvcore's FLOP count, ONNX export) see the reference ops: no in-place ReLU
+    inputs and no layout copies in the graph."""
+    torch.manual_seed(0)
+    stage = GraphStage(GraphSpec.generate("ws", 8, 3, k=4, p=0.75), 3, 6, stride=2).eval()
+    with torch.no_grad():
+        graph = str(torch.jit.trace(stage, torch.randn(2, 3, 8, 8)).graph)
+    assert "aten::relu_" not in graph and "aten::mul_" not in graph
+    assert "aten::contiguous" not in graph
+
+
+def test_a_global_hook_keeps_node_outputs_as_it_saw_them():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    torch.manual_seed(0)
+    stage = GraphStage(GraphSpec.generate("ws", 10, 3, k=4, p=0.75), 3, 6, stride=2).eval()
+    norms = {id(n[3]) for n in stage.nodes}
+    kept = []
+
+    def hook(module, inputs, output):
+        if id(module) in norms:
+            kept.append((output, output.clone()))
+
+    handle = register_module_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            stage(torch.randn(2, 3, 8, 8))
+    finally:
+        handle.remove()
+    assert len(kept) == 10 and all(torch.equal(o, c) for o, c in kept)
+
+
+def test_a_removed_single_in_edge_gives_its_node_a_zero_input():
+    """Graph damage: removing a node's only in-edge zeroes its input, whatever index its parent
+    has (the unit-edge shortcut is keyed by edge, not by parent)."""
+    for seed in range(50):
+        stage = GraphStage(GraphSpec.generate("ws", 10, seed, k=4, p=0.75), 3, 6).eval()
+        case = [
+            (v, ins[0][0])
+            for v, ins in enumerate(stage.in_edges)
+            if len(ins) == 1 and ins[0][1] in stage.gates.unit_edges - {ins[0][0]}
+        ]
+        if case:
+            break
+    v, e = case[0]
+    seen = []
+    stage.nodes[v].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with removed(stage, edge=e), torch.no_grad():
+        stage(torch.randn(2, 3, 8, 8))
+    assert len(seen) == 1 and not seen[0].any()
+
+
+def test_supermask_sample_traces_as_a_plain_bernoulli():
+    """Tracers cannot record the straight-through op: under tracing the sample is a plain
+    Bernoulli(sigmoid) draw (exported models with eval_mask='sample' keep sampling)."""
+    from rwdet.nn.choose import supermask_mask
+
+    class Sample(torch.nn.Module):
+        def forward(self, scores):
+            return supermask_mask(scores, training=False, eval_mask="sample")
+
+    scores = torch.tensor([-30.0, 30.0, 0.0])
+    traced = torch.jit.trace(Sample(), scores, check_trace=False)
+    assert "aten::bernoulli" in str(traced.graph)
+    out = traced(scores)
+    assert out[0] == 0 and out[1] == 1 and out[2] in (0, 1)

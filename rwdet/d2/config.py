@@ -59,7 +59,8 @@ def add_rwdet_config(cfg: CN) -> None:
     # How the graph stages run a training step (rwdet.nn.execution): "auto" (the fused op,
     # one saved tensor per node, where a stage allows it — FrozenBN and BN sepconv stages do —
     # else node by node), "reference" (node by node, plain autograd), "recompute" (each node
-    # checkpointed) or "fused" (refused for a stage that cannot run it). Same results each way.
+    # checkpointed), "fused" (refused for a stage that cannot run it) or "rebuild" (the fused
+    # op keeping only the stage input; see REBUILD_STAGES). Same results each way.
     _C.MODEL.RWDET.EXECUTION = "auto"
     # Graph stages (by name, e.g. ["conv3", "conv4"]) that keep nothing between forward and
     # backward and rerun their forward in backward (execution "rebuild"): the saved tensors of

@@ -34,8 +34,9 @@ class RandWire(StagedClassifier):
             inputs (the first two downsamplings removed, output stride 8).
         execution: how the stages run a training step (``rwdet.nn.execution``): "auto"
             (the fused op where a stage allows it, about half the peak memory), "reference",
-            "recompute" or "fused"; every one gives the reference's results. ``fused=`` and
-            ``recompute=`` are refused with a pointer to it.
+            "recompute", "fused" or "rebuild" (the fused op rerunning the forward in backward;
+            per stage: ``rwdet.nn.set_execution``); every one gives the reference's results.
+            ``fused=`` and ``recompute=`` are refused with a pointer to it.
     """
 
     def __init__(

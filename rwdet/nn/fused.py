@@ -7,7 +7,9 @@ output, pointwise output, BN output). Backward needs less:
 - The node output ``Z_v = BN(C_v)`` is one per-channel multiply-add of ``C_v``: rebuilt each
   time a child's backward needs it, and dropped after. (Cached from a parent's last child to
   its first, the rebuilt outputs held up to half of C=109's stage at once, 15 of 32 node
-  tensors, on top of the gradients; that was the detector's peak under ``rebuild`` below.)
+  tensors, on top of the gradients; that was the detector's peak under
+  ``execution="rebuild"``, which keeps no ``C_v`` and reruns the forward at the start of
+  backward.)
 - The aggregation ``I_v = sum g_u Z_u``, its ReLU and the 3x3 depthwise conv are cheap (a few
   memory passes and 9 MACs per element, against the pointwise conv's ``C`` MACs per element):
   recomputed in the node's backward. The pointwise conv, the expensive part, never runs twice.

@@ -49,6 +49,8 @@ def test_widths_become_multiples_and_the_original_is_untouched():
             assert m.in_channels == 3 or m.in_channels % 8 == 0  # the image stays 3 channels
         if isinstance(m, GraphStage):
             assert m.in_channels % 8 == 0 and m.out_channels % 8 == 0
+    assert all(c % 8 == 0 for c in padded.stage_channels.values())
+    assert padded.stage_channels["conv3"] == 24 and model.stage_channels["conv3"] == 18
     assert sorted({m.out_channels for m in model.modules() if type(m) is nn.Conv2d}) == widths
 
 

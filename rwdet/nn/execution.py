@@ -59,8 +59,9 @@ REFERENCE, RECOMPUTE, FUSED, REBUILD = "reference", "recompute", "fused", "rebui
 FUSED_OP = (FUSED, REBUILD)
 # Not a training step: node by node, as the reference (nothing saved without gradients).
 INFERENCE = "inference"
-# An INFERENCE forward that autograd does not record at all and no tracer watches
-# (``GraphStage._unrecorded``): ReLUs in place where safe, channels_last on CPU.
+# An INFERENCE forward that autograd does not record at all (no_grad/inference_mode, or nothing
+# in the stage needs a gradient) and no tracer watches: ReLUs in place where safe
+# (``GraphStage.relu_input``), channels_last on CPU.
 UNRECORDED = "unrecorded"
 
 # Bumped whenever a stage's training-step path (or its reason) changes, so a model can tell in
@@ -98,7 +99,9 @@ def choose(execution: str, *, training: bool, grad: bool, tracing: bool, obstacl
     """The decision table. ``grad``: gradients are enabled and something in the stage needs
     one; ``obstacle``: why the fused op cannot run the stage (None when it can). Returns the
     path; an explicit ``fused``/``rebuild`` with an obstacle raises ``ImpossibleExecution``."""
-    if tracing or not (training and grad):
+    if not (grad or tracing):  # autograd records nothing: in place where safe (GraphStage)
+        return UNRECORDED
+    if tracing or not training:
         return INFERENCE
     if execution in (REFERENCE, RECOMPUTE):
         return execution
@@ -246,6 +249,6 @@ def describe(model: nn.Module) -> str | None:
     parts = []
     for (path, why), names in groups:
         span = names[0] if len(names) == 1 else f"{names[0]}-{names[-1]}"
-        what = "no backward" if path == INFERENCE else path
+        what = "no backward" if path in (INFERENCE, UNRECORDED) else path
         parts.append(f"{what} for {span}" + (f" ({why})" if why else ""))
     return f"stage execution ({'/'.join(settings)}) in training: " + "; ".join(parts)

@@ -141,7 +141,8 @@ def _run_nodes(plan: StagePlan, x, gates, bn, keep_c: bool = True):
     """The stage's forward, computed by the stage itself: ``GraphStage.relu_input`` (the one
     aggregation, then ReLU) and each node op's own layers in its order (depthwise -> pointwise),
     ending at ``C_v``; ``bn(v, C_v)`` then gives ``Z_v`` and keeps the batch statistics that
-    ``nn.BatchNorm2d`` does not return. Returns every ``C_v`` and ``GraphStage.sink_mean``.
+    ``nn.BatchNorm2d`` does not return. Returns every ``C_v`` (None without ``keep_c``), their
+    dtypes and ``GraphStage.sink_mean``.
 
     ``relu_input`` works in place wherever nothing else reads: autograd records nothing
     inside the op's forward.
@@ -149,7 +150,7 @@ def _run_nodes(plan: StagePlan, x, gates, bn, keep_c: bool = True):
     stage = plan.stage
     outs: dict[int, torch.Tensor] = {}
     shared: dict[str, torch.Tensor] = {}
-    keep = []
+    keep, dtypes = ([] if keep_c else None), []
     for v, op in enumerate(stage.nodes):
         _, dw, pw, _ = op
         a = stage.relu_input(v, x, outs, gates, shared)
@@ -157,12 +158,14 @@ def _run_nodes(plan: StagePlan, x, gates, bn, keep_c: bool = True):
         del a
         c = pw(b)
         del b
-        keep.append(c if keep_c else c.dtype)
+        dtypes.append(c.dtype)
         outs[v] = bn(v, c)
+        if keep is not None:
+            keep.append(c)
         del c
         for u in stage.release_after[v]:
             del outs[u]
-    return keep, stage.sink_mean(outs)
+    return keep, dtypes, stage.sink_mean(outs)
 
 
 class SepConvStage(torch.autograd.Function):
@@ -184,12 +187,10 @@ class SepConvStage(torch.autograd.Function):
             stats.extend((mean, invstd))
             return z
 
-        keep, out = _run_nodes(plan, x, gates.detach(), bn, keep_c=not plan.rebuild)
+        # "rebuild": no C_v kept, backward reruns the forward for them (as a second backward)
+        keep, ctx.conv_dtypes, out = _run_nodes(plan, x, gates.detach(), bn, not plan.rebuild)
         dev = x.device.type
         ctx.plan = plan
-        ctx.conv_dtypes = [c if isinstance(c, torch.dtype) else c.dtype for c in keep]
-        if plan.rebuild:  # backward reruns the forward for them (as for a second backward)
-            keep = None
         # A second backward reruns the forward outside the caller's autocast: re-entered then.
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, gates, *params, *stats)
@@ -218,7 +219,7 @@ class SepConvStage(torch.autograd.Function):
         if keep is None:  # "rebuild", or a second backward (retain_graph): C from the input
             dev, enabled, dtype = ctx.autocast
             with torch.autocast(dev, dtype=dtype, enabled=enabled):
-                keep, _ = _run_nodes(plan, x, gates.detach(), z_from)
+                keep, _, _ = _run_nodes(plan, x, gates.detach(), z_from)
 
         # grads[v] = (tensor, owned): owned buffers are accumulated in place; the sinks share
         # one (read-only) tensor until something is added to it.

@@ -112,9 +112,14 @@ def pad_channels(model: nn.Module, multiple: int = 8) -> nn.Module:
             _pad_norm(m, padded)
         elif type(m) is nn.Linear and m.in_features in padded:
             _pad_linear(m, padded)
-    for m in new.modules():  # the stages' channel counts (labels, complexity) follow
-        for key in ("in_channels", "out_channels"):
-            value = m.__dict__.get(key)
-            if type(m) is not nn.Conv2d and isinstance(value, int) and value in padded:
+    for m in new.modules():  # recorded widths follow (GraphStage.in/out_channels,
+        if type(m) is nn.Conv2d:  # RandWire's stage_channels and feature_channels, ...)
+            continue
+        for key, value in list(m.__dict__.items()):
+            if not key.endswith("channels"):
+                continue
+            if isinstance(value, int) and value in padded:
                 setattr(m, key, padded[value])
+            elif isinstance(value, dict):
+                setattr(m, key, {k: padded.get(c, c) for k, c in value.items()})
     return new

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from rwdet.graphs import GraphSpec
-from rwdet.nn.aggregate import accumulate, exporting, weighted_sum
+from rwdet.nn.aggregate import accumulate, weighted_sum
 from rwdet.nn.execution import (
     FUSED,
     FUSED_OP,
-    INFERENCE,
     REBUILD,
     RECOMPUTE,
     UNRECORDED,
@@ -140,10 +139,18 @@ class GraphStage(nn.Module):
         ins = self.in_edges[v]
         if not ins:
             return x
-        index = self.in_edge_index[slice(*self.slices[v])]
-        if len(ins) == 1 and ins[0][0] in self.gates.unit_edges:
+        if self.unit_input(v):
             return outs[ins[0][1]]
-        return weighted_sum(gates.index_select(0, index), [outs[u] for _, u in ins])
+        return weighted_sum(self.node_gates(v, gates), [outs[u] for _, u in ins])
+
+    def unit_input(self, v: int) -> bool:
+        """Node ``v`` reads one parent over an edge whose gate is identically 1 (no multiply)."""
+        ins = self.in_edges[v]
+        return len(ins) == 1 and ins[0][0] in self.gates.unit_edges
+
+    def node_gates(self, v: int, gates: torch.Tensor) -> torch.Tensor:
+        """Node ``v``'s in-edge gates, in ``in_edges[v]``'s order."""
+        return gates.index_select(0, self.in_edge_index[slice(*self.slices[v])])
 
     def relu_input(self, v: int, x: torch.Tensor, outs: dict, gates: torch.Tensor, shared: dict):
         """``ReLU(I_v)``, where every node op starts, for a forward that autograd does not
@@ -163,11 +170,11 @@ class GraphStage(nn.Module):
             return a
         first = outs[ins[0][1]]
         own = self.last_use.get(ins[0][1]) == v  # nothing reads Z_first after this node
-        if len(ins) == 1 and ins[0][0] in self.gates.unit_edges:
+        if self.unit_input(v):
             return first.relu_() if own else torch.relu(first)
-        w = gates.index_select(0, self.in_edge_index[slice(*self.slices[v])])
+        w = self.node_gates(v, gates).detach().to(first.dtype).unbind()
         parents = [first] + [outs[u] for _, u in ins[1:]]
-        return accumulate(parents, w.detach().to(first.dtype).unbind(), into_first=own).relu_()
+        return accumulate(parents, w, into_first=own).relu_()
 
     def run_node(self, v: int, x: torch.Tensor, gates: torch.Tensor, *parents: torch.Tensor):
         outs = dict(zip((u for _, u in self.in_edges[v]), parents))
@@ -182,8 +189,6 @@ class GraphStage(nn.Module):
         # would give NCHW weights gradients with other strides, which DDP's gradient buckets
         # reject (a warning, a copy each step). CUDA keeps the layout.
         path = stage_path(self, x)
-        if path == INFERENCE and self._unrecorded(x):
-            path = UNRECORDED  # nothing saved for backward: ReLUs in place where safe
         cl = torch.channels_last
         if (
             path in (FUSED, REBUILD, UNRECORDED)
@@ -192,15 +197,6 @@ class GraphStage(nn.Module):
         ):
             return self._forward(x.contiguous(memory_format=cl), path).contiguous()
         return self._forward(x, path)
-
-    def _unrecorded(self, x: torch.Tensor) -> bool:
-        """Autograd records nothing in this forward (no_grad/inference_mode, or nothing here
-        needs a gradient: detection's frozen stages) and no tracer is watching."""
-        if exporting() or torch.compiler.is_compiling():
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        return not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _forward(self, x: torch.Tensor, path: str) -> torch.Tensor:
         gates = self.gates()

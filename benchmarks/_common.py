@@ -9,10 +9,15 @@ alone because nothing else ran in the process; on CUDA it is ``max_memory_alloca
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
+
+# Set in a benchmark process that re-executed itself under ``--preload`` (never twice).
+_PRELOAD_EXEC = "RWDET_BENCH_PRELOAD_EXEC"
 
 
 def peak_bytes(device) -> int:
@@ -22,6 +27,55 @@ def peak_bytes(device) -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+
+
+def preload_error(path: str) -> str | None:
+    """Why ``--preload path`` cannot be honoured, or None. Checked before any process starts:
+    the dynamic loader only warns about a missing library and runs on with glibc's malloc,
+    which would measure the wrong allocator under the right label."""
+    if not path or os.path.isfile(path):
+        return None
+    from rwdet.run.allocator import find_tcmalloc
+
+    example = find_tcmalloc() or "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    return f"--preload {path!r}: no such file; give an allocator library's path, e.g. {example}"
+
+
+def preload_mapped(path: str) -> bool | None:
+    """Whether the library ``path`` is loaded in this process (None where /proc cannot tell)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    return any(
+        os.path.realpath(line.split(maxsplit=5)[-1]) == real
+        for line in maps.splitlines()
+        if line.count(" ") >= 5 and "/" in line
+    )
+
+
+def check_preloaded() -> None:
+    """In a worker: fail (an error row naming the library) when the ``LD_PRELOAD`` the parent
+    set did not load, e.g. a file that is not a shared library."""
+    path = os.environ.get("LD_PRELOAD", "")
+    if path and ":" not in path and preload_mapped(path) is False:
+        raise RuntimeError(f"--preload {path!r} was not loaded (is it a shared library?)")
+
+
+def exec_preloaded(path: str, script: str, argv: list[str]) -> str | None:
+    """Re-execute this benchmark under ``LD_PRELOAD=path`` unless it already runs under it:
+    a mode that measures in its own process (``--inference``) can take another allocator only
+    at process start. Returns None once the library is loaded, or why it did not load."""
+    if not path or preload_mapped(path) is not False:
+        return None
+    if os.environ.get(_PRELOAD_EXEC):
+        return f"--preload {path!r} was not loaded (is it a shared library?)"
+    env = dict(os.environ, LD_PRELOAD=path, **{_PRELOAD_EXEC: "1"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, script, *argv], env)
 
 
 def run_json_worker(cmd: list[str], name: str, env: dict | None = None, timeout=None) -> dict:

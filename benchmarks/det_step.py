@@ -33,7 +33,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._common import base_environment, median_rows, peak_bytes, run_json_worker  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    base_environment,
+    check_preloaded,
+    median_rows,
+    peak_bytes,
+    preload_error,
+    run_json_worker,
+)
 
 BASELINE = "r50_fpn"
 MODELS = {
@@ -93,6 +100,7 @@ def worker(args) -> dict:
 
     import rwdet.d2  # noqa: F401  (registers the rwdet backbones)
 
+    check_preloaded()
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,6 +245,9 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    error = preload_error(args.preload)
+    if error:
+        p.error(error)
     if BASELINE not in args.models:
         print(f"note: {BASELINE} is not in --models, so no ratios are computed", file=sys.stderr)
     results: dict[str, list[dict]] = {m: [] for m in args.models}

@@ -31,7 +31,9 @@ rounds unevenly, so ratios taken within one round are the numbers to read.
   python benchmarks/train_step.py --inference --models resnet50+fold randwire_c109+fold \
       resnet50 randwire_c109 --rounds 5 --iters 3
 CPU peak RSS includes what the C allocator keeps: ``--preload`` runs every model under the same
-other allocator (e.g. tcmalloc, as PyTorch's CPU tuning guide suggests).
+other allocator (e.g. tcmalloc, as PyTorch's CPU tuning guide suggests and rwdet's tools use on
+CPU); with ``--inference`` this process re-executes itself under it. It matters for inference
+too: under glibc a forward faults in its large activations afresh each time.
 """
 
 from __future__ import annotations
@@ -46,7 +48,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._common import base_environment, median_rows, peak_bytes, run_json_worker  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    base_environment,
+    check_preloaded,
+    exec_preloaded,
+    median_rows,
+    peak_bytes,
+    preload_error,
+    preload_mapped,
+    run_json_worker,
+)
 
 BASELINE = "resnet50"
 EXECUTION_OPTIONS = ("reference", "recompute", "fused", "rebuild")
@@ -103,6 +114,7 @@ def worker(args) -> dict:
     """One model, one process: warm-up, then timed steps; prints one JSON line."""
     import torch
 
+    check_preloaded()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = build(args.worker, json.loads(args.overrides))
@@ -304,6 +316,8 @@ def environment(args) -> dict:
         "amp": args.amp,
         "channels_last": args.channels_last,
         "preload": args.preload or None,
+        # --inference measures in this process, re-executed under the preload: confirm it.
+        "preload_loaded": preload_mapped(args.preload) if args.preload and args.inference else None,
         "mode": "inference" if args.inference else "train_step",
         "rounds": args.rounds,
         "iters": args.iters,
@@ -347,6 +361,12 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    error = preload_error(args.preload)
+    if error is None and args.inference:  # measured in this process: its allocator is chosen now
+        argv = sys.argv[1:] if argv is None else list(argv)
+        error = exec_preloaded(args.preload, os.path.abspath(__file__), argv)
+    if error:
+        p.error(error)
     if args.inference:
         result = inference_run(args)
         print(

@@ -41,6 +41,72 @@ def test_train_step_benchmark_tiny(tmp_path):
     assert data["environment"]["batch"] == 2
 
 
+def _tcmalloc():
+    from rwdet.run.allocator import find_tcmalloc
+
+    return find_tcmalloc()
+
+
+def test_inference_mode_runs_under_the_preloaded_allocator(tmp_path):
+    """--inference measures in its own process, so it re-executes itself under --preload
+    (the library mapped in that process) instead of ignoring the flag."""
+    lib = _tcmalloc()
+    if lib is None:
+        pytest.skip("tcmalloc not installed (make setup installs it)")
+    out = tmp_path / "infer.json"
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--inference"]
+        + ["--models", "randwire_small", "--batch", "1", "--size", "32", "--iters", "1"]
+        + ["--warmup", "0", "--rounds", "1", "--overrides", '{"channels": 8, "nodes": 8}']
+        + ["--preload", lib, "--json", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
+    )
+    env = json.loads(out.read_text())["environment"]
+    assert env["preload"] == lib and env["preload_loaded"] is True
+
+
+@pytest.mark.parametrize(
+    "script, mode", [("train_step.py", []), ("train_step.py", ["--inference"]), ("det_step.py", [])]
+)
+def test_a_preload_that_cannot_load_is_a_usage_error(tmp_path, script, mode):
+    """The dynamic loader only warns about a bad LD_PRELOAD and runs on with glibc's malloc:
+    the benchmarks refuse the value instead of labelling glibc's numbers with it."""
+    missing = tmp_path / "libnope.so"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *mode]
+    proc = subprocess.run(cmd + ["--preload", str(missing)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"--preload '{missing}': no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_preload_that_is_not_a_library_is_refused(tmp_path):
+    from benchmarks._common import check_preloaded, exec_preloaded, preload_mapped
+
+    not_lib = tmp_path / "notlib.so"
+    not_lib.write_text("not an ELF file")
+    assert preload_mapped(str(not_lib)) is False
+    assert preload_mapped(sys.executable) is True  # the interpreter's own file is mapped
+    # The inference mode's re-executed process finds it still unloaded: an error, not a loop.
+    os.environ["RWDET_BENCH_PRELOAD_EXEC"] = "1"
+    try:
+        assert "was not loaded" in exec_preloaded(str(not_lib), "x.py", [])
+    finally:
+        del os.environ["RWDET_BENCH_PRELOAD_EXEC"]
+    # A worker whose LD_PRELOAD did not load fails with the library's name (an error row).
+    proc = subprocess.run(
+        [sys.executable, "-c", "from benchmarks._common import check_preloaded as c; c()"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LD_PRELOAD": str(not_lib)},
+    )
+    assert proc.returncode != 0 and f"--preload '{not_lib}' was not loaded" in proc.stderr
+    check_preloaded()  # this process: no LD_PRELOAD, nothing to check
+
+
 @pytest.mark.slow
 def test_inference_mode_alternates_in_one_process_with_per_round_ratios(tmp_path):
     out = tmp_path / "infer.json"

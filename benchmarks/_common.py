@@ -68,8 +68,11 @@ def exec_preloaded(path: str, script: str, argv: list[str]) -> str | None:
     """Re-execute this benchmark under ``LD_PRELOAD=path`` unless it already runs under it:
     a mode that measures in its own process (``--inference``) can take another allocator only
     at process start. Returns None once the library is loaded, or why it did not load."""
-    if not path or preload_mapped(path) is not False:
+    if not path:
         return None
+    loaded = preload_mapped(path)
+    if loaded or (loaded is None and os.environ.get("LD_PRELOAD") == path):
+        return None  # loaded, or (no /proc to tell) already set by us or the caller
     if os.environ.get(_PRELOAD_EXEC):
         return f"--preload {path!r} was not loaded (is it a shared library?)"
     env = dict(os.environ, LD_PRELOAD=path, **{_PRELOAD_EXEC: "1"})

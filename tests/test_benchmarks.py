@@ -107,6 +107,18 @@ def test_a_preload_that_is_not_a_library_is_refused(tmp_path):
     check_preloaded()  # this process: no LD_PRELOAD, nothing to check
 
 
+def test_without_proc_the_preload_is_trusted_once_set(monkeypatch, tmp_path):
+    import benchmarks._common as common
+
+    lib = str(tmp_path / "liba.so")
+    monkeypatch.setattr(common, "preload_mapped", lambda path: None)
+    monkeypatch.setenv("LD_PRELOAD", lib)
+    assert common.exec_preloaded(lib, "x.py", []) is None  # no exec: already set
+    monkeypatch.setenv("RWDET_BENCH_PRELOAD_EXEC", "1")
+    monkeypatch.setenv("LD_PRELOAD", "other.so")
+    assert "was not loaded" in common.exec_preloaded(lib, "x.py", [])
+
+
 @pytest.mark.slow
 def test_inference_mode_alternates_in_one_process_with_per_round_ratios(tmp_path):
     out = tmp_path / "infer.json"

@@ -23,6 +23,14 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
   exit 1
 fi
 [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
+# The CUDA build of torch makes the environment ~6 GB; pip's own error on a full disk
+# ("[Errno 28] No space left on device") does not say how much is needed.
+NEED_GB=7
+free_gb=$(df -Pk "$VENV" | awk 'NR==2 {print int($4 / 1048576)}')
+if [ "$(du -sk "$VENV" | cut -f1)" -lt 1048576 ] && [ "${free_gb:-$NEED_GB}" -lt "$NEED_GB" ]; then
+  echo "rwdet setup: WARNING only ${free_gb} GB free for $VENV; a new environment needs about" \
+    "$NEED_GB GB (torch's CUDA build). Free some space if the install fails." >&2
+fi
 # pip warns once per package about this machine's index mirrors; keep only real messages.
 pip_() { "$PY" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 PIP=pip_

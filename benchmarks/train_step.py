@@ -60,6 +60,7 @@ from benchmarks._common import (  # noqa: E402
 )
 
 BASELINE = "resnet50"
+BASELINES = ("resnet50", "mobilenet_v2")  # torchvision models, built as torchvision builds them
 EXECUTION_OPTIONS = ("reference", "recompute", "fused", "rebuild")
 # Not executions: ``fold`` (inference on the folded copy), ``channels_last`` (this model's
 # weights and input in channels_last, whatever ``--channels-last`` says for the others),
@@ -84,6 +85,29 @@ def build(spec: str, overrides: dict):
 
     from rwdet.models import build_model, list_models
 
+    name, wiring, options, execution = parse_spec(spec)
+    if name in BASELINES:
+        model = getattr(torchvision.models, name)()
+    elif name not in list_models():
+        return None
+    else:
+        kwargs = dict(overrides)
+        if execution:
+            kwargs["execution"] = execution
+        if wiring:
+            kwargs["wiring"] = wiring
+        model = build_model(name, **kwargs)
+    if "pad8" in options:
+        from rwdet.nn import pad_channels
+
+        model = pad_channels(model, 8)
+    return model
+
+
+def parse_spec(spec: str):
+    """``(name, wiring, options, execution)`` of a model spec, or a ``ValueError`` naming what
+    is wrong: an unknown option, two executions, or an execution or wiring on a torchvision
+    baseline (it has no graph stages to run them)."""
     spec, *options = spec.split("+")
     for opt in options:
         if opt not in (*EXECUTION_OPTIONS, *LAYOUT_OPTIONS):
@@ -93,21 +117,13 @@ def build(spec: str, overrides: dict):
     if len(executions) > 1:
         raise ValueError(f"model options {executions} name two executions; give one")
     name, _, wiring = spec.partition(":")
-    if name in ("resnet50", "mobilenet_v2"):
-        return getattr(torchvision.models, name)()
-    if name not in list_models():
-        return None
-    kwargs = dict(overrides)
-    if executions:
-        kwargs["execution"] = executions[0]
-    if wiring:
-        kwargs["wiring"] = wiring
-    model = build_model(name, **kwargs)
-    if "pad8" in options:
-        from rwdet.nn import pad_channels
-
-        model = pad_channels(model, 8)
-    return model
+    if name in BASELINES and (executions or wiring):
+        what = f":{wiring}" if wiring else f"+{executions[0]}"
+        raise ValueError(
+            f"{name} is a torchvision baseline without graph stages: {what} does not apply to "
+            f"it; drop it (or use a RandWire model, e.g. randwire_c109{what})"
+        )
+    return name, wiring, options, executions[0] if executions else None
 
 
 def worker(args) -> dict:
@@ -362,6 +378,11 @@ def main(argv=None):
         print(json.dumps(worker(args)))
         return
     error = preload_error(args.preload)
+    for spec in args.models:  # before any model is built or any worker starts
+        try:
+            parse_spec(spec)
+        except ValueError as e:
+            error = error or f"--models {spec}: {e}"
     if error is None and args.inference:  # measured in this process: its allocator is chosen now
         argv = sys.argv[1:] if argv is None else list(argv)
         error = exec_preloaded(args.preload, os.path.abspath(__file__), argv)

@@ -191,6 +191,27 @@ def test_execution_options_set_the_stages_execution():
         bench.build("randwire_small+unfused", small)
     with pytest.raises(ValueError, match="two executions"):
         bench.build("randwire_small+fused+recompute", small)
+    # A torchvision baseline has no graph stages: an execution or wiring on it is refused,
+    # not ignored; pad8 applies to it as to any model of plain layers.
+    for spec, what in (("resnet50+fused", r"\+fused"), ("mobilenet_v2:dnw", ":dnw")):
+        with pytest.raises(ValueError, match=f"torchvision baseline without graph stages: {what}"):
+            bench.build(spec, {})
+    padded = bench.build("mobilenet_v2+pad8", {})
+    assert all(m.out_channels % 8 == 0 for m in padded.modules() if hasattr(m, "out_channels"))
+
+
+@pytest.mark.parametrize("mode", [[], ["--inference"]])
+def test_a_bad_model_spec_is_a_usage_error_before_anything_runs(mode):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), *mode]
+        + ["--models", "resnet50", "randwire_small+fuse"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--models randwire_small+fuse: model option +fuse is not known" in proc.stderr
+    assert "round 1/" not in proc.stderr  # no worker started
 
 
 def test_edge_choice_counts_learned_wirings_only():

@@ -1,8 +1,8 @@
 """Zero channels added so every channel count is a multiple of ``multiple``, exactly.
 
 Why: NVIDIA's bf16/fp16 tensor-core convolution kernels want channel counts that are multiples
-of 8, and RandWire-C109's widths (54, 109, 218, 436) are not (C=154's are: 77 and 154 are not
-either). Whether that costs time on a GPU is a measurement, not a belief:
+of 8, and RandWire-C109's widths (54, 109, 218, 436) are not (nor are
+C=154's 77, 154 and 308). Whether that costs time on a GPU is a measurement, not a belief:
 ``pad_channels(model, 8)`` gives a model that computes the same function with padded widths,
 so the two can be timed side by side (``benchmarks/train_step.py`` option ``+pad8``,
 ``make gpu-check``).

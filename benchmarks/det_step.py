@@ -53,6 +53,15 @@ DEFAULT_MODELS = list(MODELS)
 BOXES_PER_IMAGE = 8
 
 
+def config_path(name: str) -> str:
+    """The config file of ``name``: a key of MODELS (in this repository), or a path, taken
+    from the current folder first, then from the repository (``configs/...``)."""
+    path = MODELS.get(name, (name, []))[0]
+    if name not in MODELS and os.path.isfile(path):
+        return os.path.abspath(path)
+    return path if os.path.isabs(path) else os.path.join(ROOT, path)
+
+
 def model_config(name: str, device: str, opts: list[str], lr: float | None = None):
     """The detectron2 config of ``name`` (a key of MODELS or a config path), random weights;
     ``lr``: SOLVER.BASE_LR (None: the config's)."""
@@ -61,10 +70,10 @@ def model_config(name: str, device: str, opts: list[str], lr: float | None = Non
     from rwdet.d2.config import add_rwdet_config
     from rwdet.d2.safe_config import merge_config_file, merge_config_opts
 
-    path, extra = MODELS.get(name, (name, []))
+    _, extra = MODELS.get(name, (name, []))
     cfg = get_cfg()
     add_rwdet_config(cfg)
-    merge_config_file(cfg, path if os.path.isabs(path) else os.path.join(ROOT, path))
+    merge_config_file(cfg, config_path(name))
     merge_config_opts(cfg, [*extra, *opts, "MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
     if lr is not None:
         merge_config_opts(cfg, ["SOLVER.BASE_LR", repr(float(lr))])
@@ -246,6 +255,11 @@ def main(argv=None):
         print(json.dumps(worker(args)))
         return
     error = preload_error(args.preload)
+    for name in args.models:  # before any worker starts
+        if not os.path.isfile(config_path(name)):
+            error = error or (
+                f"--models {name}: neither one of {list(MODELS)} nor a detectron2 config file"
+            )
     if error:
         p.error(error)
     if BASELINE not in args.models:

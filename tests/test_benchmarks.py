@@ -214,6 +214,31 @@ def test_a_bad_model_spec_is_a_usage_error_before_anything_runs(mode):
     assert "round 1/" not in proc.stderr  # no worker started
 
 
+def test_det_step_refuses_an_unknown_model_before_anything_runs():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "det_step.py"), "--models", "r50fpn"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--models r50fpn: neither one of ['r50_fpn'," in proc.stderr
+
+
+def test_det_step_finds_a_users_config_in_their_folder_then_the_repositorys(monkeypatch, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("det_step", f"{ROOT}/benchmarks/det_step.py")
+    det = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(det)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("MODEL: {}\n")
+    assert det.config_path("mine.yaml") == str(tmp_path / "mine.yaml")
+    repo = "configs/frcnn_r50_baseline.yaml"
+    assert det.config_path(repo) == os.path.join(ROOT, repo)
+    assert det.config_path("r50_fpn") == os.path.join(ROOT, det.MODELS["r50_fpn"][0])
+
+
 def test_edge_choice_counts_learned_wirings_only():
     import importlib.util
 

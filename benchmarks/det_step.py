@@ -16,7 +16,8 @@ models alternate round by round, each number is the median over rounds.
 
 Models: r50_fpn (configs/frcnn_r50_baseline.yaml, the baseline), r101_fpn (the same with
 MODEL.RESNETS.DEPTH 101), randwire_c109, randwire_c154 (configs/frcnn_randwire_c*.yaml), or
-CONFIG.yaml for any other detection config. ``--opts KEY VALUE ...`` applies to every model.
+the path of any other detection config (from the current folder, else from this repository).
+``--opts KEY VALUE ...`` applies to every model.
 The SGD step runs at ``--lr`` 0 by default: the same arithmetic, fixed random weights (an
 untrained FrozenBN backbone at the configs' LR diverges within a few steps).
 """
